@@ -1,0 +1,51 @@
+"""`nemotron-train` command line. Each subcommand lives in its own module, which exposes
+`register(subparsers)` adding its parser with `set_defaults(func=handler)`; handler(args) -> int."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Modules that register subcommands, in help order. A module that fails to import is a bug.
+COMMAND_MODULES = [
+    "nemotron_train.training.cli",  # train
+    "nemotron_train.plan",  # plan
+    "data_tools.cli",  # preprocess, inspect, prepare-cache
+    "nemotron_train.checkpoint.cli",  # export-hf, import-hf, score
+    "nemotron_train.ablation.cli",  # ablate, compare
+    "launch.sbatch",  # sbatch
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nemotron-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not an unbuilt command module
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from nemotron_train.config.loader import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except ConfigError as exc:
+        print(f"nemotron-train {args.command}: error: {exc}", file=sys.stderr)
+        rc = 2
+    if argv is None:
+        sys.exit(rc or 0)
+    return rc or 0

@@ -1,0 +1,192 @@
+"""Typed configuration: one dataclass per component.
+
+Every YAML key maps to a field here; the loader rejects anything else. Defaults are the
+Nemotron-H pretraining defaults where the paper gives one, else a safe choice for the
+CPU smoke model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    # Everything a run writes (resolved config, metrics, checkpoints, logs) goes here.
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "nemotron-h"
+    # Hybrid layer pattern: M = Mamba-2, * = attention, - = MLP, | = pipeline-stage boundary.
+    pattern: str = "M*-"
+    num_layers: int = 3
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # KV heads (GQA)
+    kv_channels: int = 16  # attention head dim
+    mamba_num_heads: int = 8
+    mamba_head_dim: int = 16
+    mamba_state_dim: int = 16
+    mamba_num_groups: int = 2
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    vocab_size: int = 131072
+    max_position_embeddings: int = 8192
+    norm_epsilon: float = 1e-5
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    # Implementation of the layers: te (TransformerEngine + mamba-ssm), local (pure torch), auto.
+    spec: str = "auto"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False  # sequence parallelism (needs tp > 1)
+    cp: int = 1  # context parallelism (validated; only cp=1 is implemented)
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    format: str = "hybrid"  # hybrid (E4M3 fwd / E5M2 bwd) | e4m3
+    recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"  # max | most_recent
+    margin: int = 0
+    # Nemotron-H keeps the first and last N hybrid layers in BF16.
+    first_last_layers_bf16: int = 0
+    fp8_param_gather: bool = False
+    backend: str = "auto"  # auto | te | emulated
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: str = "fp32"  # fp32 | bf16
+    grad_reduce_in_fp32: bool = True
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+
+@dataclass
+class BlendEntry:
+    path: str = ""  # prefix of a .bin/.idx pair
+    weight: float = 1.0
+
+
+@dataclass
+class TokenizerConfig:
+    # byte | hf:FILE | tiktoken:FILE | sentencepiece:FILE | bundled (the BPE shipped with the corpus)
+    type: str = "byte"
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # "bundled" tokenises the corpus shipped in the package on first use; "mock" makes random tokens.
+    source: str = "blend"  # blend | bundled | mock
+    blend: List[BlendEntry] = field(default_factory=list)
+    split: str = "99,1,0"
+    train_blend: List[BlendEntry] = field(default_factory=list)
+    valid_blend: List[BlendEntry] = field(default_factory=list)
+    test_blend: List[BlendEntry] = field(default_factory=list)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: Optional[str] = None  # index cache; default <run.output_dir>/data_cache
+    num_workers: int = 0
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam (AdamW semantics via decoupled weight decay) | sgd
+    lr: float = 3e-4
+    min_lr: float = 3e-6
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # default: train.steps
+    wsd_decay_steps: Optional[int] = None  # length of the final decay phase of WSD
+    wsd_decay_style: str = "linear"  # linear | cosine | exponential | minus_sqrt
+    # Batch-size ramp: [start_global_batch, increment, ramp_samples]; empty = off.
+    rampup_batch_size: List[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 8192
+    deterministic: bool = False
+    log_interval: int = 1
+    eval_interval: int = 0  # 0 = only at the end
+    eval_iters: int = 2
+    exit_duration_minutes: Optional[float] = None
+    exit_signal: str = "SIGTERM"  # also handled: SIGUSR1 from `#SBATCH --signal=B:USR1@120`
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0 = only at the end
+    dir: Optional[str] = None  # default <run.output_dir>/checkpoints
+    keep_last: int = 3
+    async_save: bool = False
+    resume: bool = True  # resume from the latest complete checkpoint if one exists
+    load: Optional[str] = None  # start from another run's checkpoint directory
+    save_at_end: bool = True
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "nemotron-train"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
