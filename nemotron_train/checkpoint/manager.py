@@ -1,0 +1,217 @@
+"""Sharded, reshardable checkpoints with an atomic commit.
+
+Layout under `checkpoint.dir` (default `<run.output_dir>/checkpoints`):
+
+    iter_0000100/                      megatron-core dist_checkpointing (torch_dist)
+        nemotron_train.json            step, data position, resolved config
+    latest_checkpointed_iteration.txt  the tracker
+
+A save writes into `iter_0000100.incomplete/`; only after every rank has finished writing
+does rank 0 rename it to `iter_0000100/` and replace the tracker atomically (temp file,
+fsync, rename). A crash at any point leaves the previous checkpoint and tracker intact;
+the next run reports the leftover `.incomplete` directory and resumes from the tracker.
+
+Optimizer state is saved per parameter in model space (`fully_sharded_model_space`), so a
+run can resume with different TP, PP or DP sizes; layer keys are global (see stack.py), so
+PP changes work for Mamba layers too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from nemotron_train.config.schema import Config, ModelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "nemotron_train.json"
+INCOMPLETE = ".incomplete"
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# Model fields that must match for a checkpoint to load (the rest may change on resume).
+ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "spec", "init_method_std")]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the directory and the fix."""
+
+
+def iter_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_tracker(ckpt_root: Path) -> Optional[int]:
+    tracker = ckpt_root / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}; delete it or fix it by hand")
+    return int(text)
+
+
+def check_architecture(saved: Dict[str, Any], current: ModelConfig, where: Path) -> None:
+    mismatched = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {getattr(current, k)!r}"
+        for k in ARCH_FIELDS
+        if k in saved and saved[k] != getattr(current, k)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint {where} was saved for a different model; mismatched fields:\n  "
+            + "\n  ".join(mismatched)
+            + "\nUse a config matching the checkpoint, or point checkpoint.dir/run.output_dir elsewhere."
+        )
+
+
+def _rng_state() -> Dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, pgs, is_logging_rank: bool):
+        self.cfg = cfg
+        self.pgs = pgs
+        self.is_logging_rank = is_logging_rank
+        self.root = Path(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
+        self._pending: List[Any] = []
+
+    # ------------------------------------------------------------------ state dicts
+
+    def _sharded_state_dict(self, model, optimizer, scheduler, state, is_loading: bool) -> Dict[str, Any]:
+        model_sd = model.module.sharded_state_dict() if hasattr(model, "module") else model.sharded_state_dict()
+        sd: Dict[str, Any] = {
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
+        }
+        # RNG states differ per rank; keyed by rank so a same-layout resume restores them.
+        pp, tp, dp = self.pgs.pp, self.pgs.tp, self.pgs.dp
+        sd["rng_state"] = ShardedObject(
+            "rng_state",
+            _rng_state(),
+            (pp.size(), tp.size(), dp.size()),
+            (pp.rank(), tp.rank(), dp.rank()),
+            replica_id=0,
+        )
+        return sd
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, model, optimizer, scheduler, state) -> Path:
+        final = self.root / iter_dir_name(state.step)
+        if final.exists():
+            return final  # already saved this step (e.g. interval and end coincide)
+        staging = final.with_name(final.name + INCOMPLETE)
+        if self.is_logging_rank:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        sd = self._sharded_state_dict(model, optimizer, scheduler, state, is_loading=False)
+        dist_checkpointing.save(sd, str(staging))
+        dist.barrier()  # every rank has finished writing its shards
+        if self.is_logging_rank:
+            meta = {"step": state.step, "consumed_samples": state.consumed_samples, "config": dataclasses.asdict(self.cfg)}
+            _fsync_write(staging / META, json.dumps(meta, indent=1))
+            os.replace(staging, final)
+            _fsync_write(self.root / TRACKER, str(state.step))
+            self._prune()
+            print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(INCOMPLETE))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def finalize(self) -> None:
+        """Wait for outstanding saves (async saving keeps them pending)."""
+        dist.barrier()
+
+    # ------------------------------------------------------------------ load
+
+    def find_resume_dir(self) -> Optional[Path]:
+        root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else self.root
+        if self.cfg.checkpoint.load and not root.exists():
+            raise CheckpointError(f"checkpoint.load={root}: no such directory")
+        incomplete = sorted(root.glob(f"iter_*{INCOMPLETE}")) if root.exists() else []
+        if incomplete and self.is_logging_rank:
+            names = ", ".join(p.name for p in incomplete)
+            print(f"warning: ignoring incomplete checkpoint(s) in {root}: {names} (an interrupted save)", file=sys.stderr)
+        step = read_tracker(root)
+        if step is None:
+            if self.cfg.checkpoint.load:
+                raise CheckpointError(f"checkpoint.load={root}: no {TRACKER}; is this a checkpoint directory?")
+            return None
+        path = root / iter_dir_name(step)
+        if not (path / META).exists():
+            raise CheckpointError(f"{root / TRACKER} points to {path}, which is missing or incomplete; restore it or delete the tracker")
+        return path
+
+    def load_latest(self, model, optimizer, scheduler):
+        from nemotron_train.training.loop import TrainState
+
+        if not self.cfg.checkpoint.resume and not self.cfg.checkpoint.load:
+            return None
+        path = self.find_resume_dir()
+        if path is None:
+            return None
+        meta = json.loads((path / META).read_text())
+        check_architecture(meta["config"]["model"], self.cfg.model, path)
+        saved_par = meta["config"]["parallel"]
+        same_layout = saved_par["tp"] == self.cfg.parallel.tp and saved_par["pp"] == self.cfg.parallel.pp
+        sd = self._sharded_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
+        if not same_layout or meta["config"]["launch"] != dataclasses.asdict(self.cfg.launch):
+            sd.pop("rng_state")  # another layout has other ranks; the seed-derived state stands
+        loaded = dist_checkpointing.load(sd, str(path))
+        target = model.module if hasattr(model, "module") else model
+        target.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        if "rng_state" in loaded:
+            _set_rng_state(loaded["rng_state"])
+        ts = loaded["train_state"]
+        if self.is_logging_rank:
+            print(f"resumed from {path} at step {ts['step']} ({ts['consumed_samples']} samples consumed)", file=sys.stderr)
+        return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]))

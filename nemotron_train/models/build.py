@@ -1,0 +1,129 @@
+"""Model construction: our config -> mcore TransformerConfig -> MambaModel with our stack spec."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from megatron.core.activations import squared_relu
+from megatron.core.models.mamba.mamba_model import MambaModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+
+from nemotron_train.config.schema import Config
+from nemotron_train.models.pattern import layer_types
+from nemotron_train.models.specs import local_stack_spec, resolve_spec, te_stack_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = DTYPES[cfg.precision.params_dtype]
+    on_cpu = device_type == "cpu"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        mamba_num_heads=m.mamba_num_heads,
+        mamba_head_dim=m.mamba_head_dim,
+        mamba_state_dim=m.mamba_state_dim,
+        mamba_num_groups=m.mamba_num_groups,
+        is_hybrid_model=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        activation_func=squared_relu,
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        sequence_parallel=p.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # On CPU, initialise the full weight once and slice it per TP rank: the same seed gives
+        # the same model for every TP size, which is what layout-equivalence tests rely on.
+        use_cpu_initialization=on_cpu,
+        # The fused paths below need apex/TE CUDA extensions.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        deterministic_mode=cfg.train.deterministic,
+        **_te_fp8_kwargs(cfg),
+    )
+
+
+def _te_fp8_kwargs(cfg: Config) -> dict:
+    """FP8 through TE is configured on TransformerConfig; the emulated backend ignores it."""
+    fp8 = cfg.precision.fp8
+    if not fp8.enabled or _fp8_backend(cfg) != "te":
+        return {}
+    n = fp8.first_last_layers_bf16
+    return dict(
+        fp8=fp8.format,
+        fp8_recipe=fp8.recipe,
+        fp8_amax_history_len=fp8.amax_history_len,
+        fp8_amax_compute_algo=fp8.amax_compute_algo,
+        fp8_margin=fp8.margin,
+        fp8_param=fp8.fp8_param_gather,
+        first_last_layers_bf16=n > 0,
+        num_layers_at_start_in_bf16=n,
+        num_layers_at_end_in_bf16=n,
+    )
+
+
+def _fp8_backend(cfg: Config) -> str:
+    from nemotron_train.fp8 import resolve_backend
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_backend(cfg, device_type)
+
+
+def _layer_context(cfg: Config, backend: str) -> Callable[[int], object]:
+    """Per-layer FP8 context, by global layer index (first/last N hybrid layers stay BF16)."""
+    fp8 = cfg.precision.fp8
+    if not fp8.enabled:
+        return lambda index: nullcontext()
+    from nemotron_train.fp8 import layer_fp8_context
+
+    return layer_fp8_context(cfg, backend)
+
+
+def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type: str) -> MambaModel:
+    """Build this rank's pipeline stage of the model on `device_type`."""
+    spec_name = resolve_spec(cfg.model.spec, device_type)
+    config = transformer_config(cfg, device_type)
+    backend = _fp8_backend(cfg) if cfg.precision.fp8.enabled else None
+    layer_context = _layer_context(cfg, backend)
+    if spec_name == "te":
+        stack_spec = te_stack_spec(layer_context)
+    else:
+        stack_spec = local_stack_spec(fp8_emulation=backend == "emulated", layer_context=layer_context)
+    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    layer_types(cfg.model.pattern)  # raises a clear error on a bad pattern
+    model = MambaModel(
+        config=config,
+        mamba_stack_spec=stack_spec,
+        vocab_size=cfg.model.vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1,
+        hybrid_override_pattern=cfg.model.pattern,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+        position_embedding_type="none",
+        pg_collection=pg_collection,
+    )
+    if device_type == "cuda":
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,148 @@
+"""ModuleSpecs for the hybrid stack. Implementations are chosen here, never in model code.
+
+- `te`: TransformerEngine layer-norm-fused column-parallel / row-parallel linears, TE
+  dot-product attention, mcore's `MambaMixer` on mamba-ssm kernels, TE's norm.
+- `local`: mcore `ColumnParallelLinear` / `RowParallelLinear` (or their FP8-emulating
+  subclasses), our SP-aware `RMSNorm`, SDPA core attention and our pure-torch Mamba-2 mixer.
+
+Both specs produce the same checkpoint keys: the local spec maps its separate norms onto
+the names of TE's fused `layer_norm_weight`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from nemotron_train.models.layers import RMSNorm, SDPAttention
+from nemotron_train.models.stack import HybridStack, HybridStackSubmodules
+
+SPECS = ("auto", "te", "local")
+
+
+def gpu_kernels_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "mamba_ssm"))
+
+
+def resolve_spec(requested: str, device_type: str) -> str:
+    """`auto` picks `te` on CUDA when transformer-engine and mamba-ssm import."""
+    if requested not in SPECS:
+        raise ValueError(f"model.spec={requested!r}: choose one of {', '.join(SPECS)}")
+    if requested == "auto":
+        return "te" if device_type == "cuda" and gpu_kernels_available() else "local"
+    if requested == "te" and device_type != "cuda":
+        raise ValueError("model.spec=te needs a CUDA GPU with transformer-engine and mamba-ssm; use model.spec=local on CPU")
+    if requested == "te" and not gpu_kernels_available():
+        raise ValueError("model.spec=te: transformer_engine or mamba_ssm is not importable; install the `gpu` extra or use model.spec=local")
+    return requested
+
+
+def local_stack_spec(fp8_emulation: bool, layer_context: Callable) -> ModuleSpec:
+    from nemotron_train.models.mamba_mixer import MambaMixerSubmodules, TorchMambaMixer
+
+    if fp8_emulation:
+        from nemotron_train.fp8 import FP8ColumnParallelLinear as col, FP8RowParallelLinear as row
+    else:
+        col, row = ColumnParallelLinear, RowParallelLinear
+    mamba_layer = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=RMSNorm,
+            mixer=ModuleSpec(module=TorchMambaMixer, submodules=MambaMixerSubmodules(in_proj=col, out_proj=row)),
+            mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+        ),
+    )
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(linear_qkv=col, core_attention=SDPAttention, linear_proj=row),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+    return ModuleSpec(
+        module=HybridStack,
+        params={"layer_context": layer_context},
+        submodules=HybridStackSubmodules(
+            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer, final_norm=RMSNorm
+        ),
+    )
+
+
+def te_stack_spec(layer_context: Callable) -> ModuleSpec:
+    """The GPU spec. Not exercised in CI (no TE/mamba-ssm there); see docs/gpu-validation.md."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+
+    mamba_layer = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            mixer=ModuleSpec(
+                module=MambaMixer,
+                submodules=MambaMixerSubmodules(in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear),
+            ),
+            mamba_bda=get_bias_dropout_add,
+        ),
+    )
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=TEDotProductAttention,
+                    linear_proj=TERowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+    return ModuleSpec(
+        module=HybridStack,
+        params={"layer_context": layer_context},
+        submodules=HybridStackSubmodules(
+            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer, final_norm=TENorm
+        ),
+    )

@@ -1,0 +1,160 @@
+"""The hybrid layer stack: Mamba-2, attention and MLP layers from a pattern string.
+
+A replacement for mcore 0.16's `MambaStack`, with the same constructor so `MambaModel` can
+build it from a spec, and three fixes that matter for Nemotron-H:
+- the final norm comes from the spec (MambaStack hard-codes TE's norm);
+- pipeline stages follow `|` boundaries in the pattern, so uneven splits (118 layers over
+  PP=4) work;
+- every layer carries its *global* layer number, so sharded checkpoints name layers the
+  same way whatever the PP size (MambaStack numbers attention/MLP layers per stage, which
+  breaks resharding across PP).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.utils import make_viewless_tensor
+from torch import Tensor, nn
+
+from nemotron_train.models.pattern import split_stages, stage_offset
+
+MAMBA, ATTENTION, MLP = "M", "*", "-"
+
+
+@dataclass
+class HybridStackSubmodules:
+    mamba_layer: Union[ModuleSpec, type] = IdentityOp
+    attention_layer: Union[ModuleSpec, type] = IdentityOp
+    mlp_layer: Union[ModuleSpec, type] = IdentityOp
+    final_norm: Union[ModuleSpec, type] = IdentityOp
+
+
+def _no_layer_context(global_index: int):
+    return nullcontext()
+
+
+class HybridStack(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: HybridStackSubmodules,
+        residual_in_fp32: bool = False,
+        pre_process: bool = True,
+        hybrid_attention_ratio: float = 0.0,
+        hybrid_mlp_ratio: float = 0.0,
+        hybrid_override_pattern: Optional[str] = None,
+        post_layer_norm: bool = True,
+        post_process: bool = True,
+        device=None,
+        dtype=None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        layer_context: Callable[[int], object] = _no_layer_context,
+    ) -> None:
+        super().__init__(config=config)
+        assert pg_collection is not None, "HybridStack needs an explicit ProcessGroupCollection"
+        assert hybrid_override_pattern, "HybridStack is driven by the layer pattern"
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.post_layer_norm = post_layer_norm
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.input_tensor = None
+        # Per-layer context (FP8 autocast or not), decided by global layer index.
+        self.layer_context = layer_context
+
+        pp_size, pp_rank = pg_collection.pp.size(), pg_collection.pp.rank()
+        self.layer_types = split_stages(hybrid_override_pattern, pp_size)[pp_rank]
+        self.layer_offset = stage_offset(hybrid_override_pattern, pp_size, pp_rank)
+        # TransformerLayer adds mcore's even-split offset to the number it is given; undo it so
+        # the final number is our global one.
+        mcore_offset = get_transformer_layer_offset(config, None, pp_rank) if pp_size > 1 else 0
+
+        self.layers = nn.ModuleList()
+        for i, kind in enumerate(self.layer_types):
+            global_number = self.layer_offset + i + 1
+            if kind == MAMBA:
+                layer = build_module(
+                    submodules.mamba_layer,
+                    config=config,
+                    residual_in_fp32=residual_in_fp32,
+                    layer_number=global_number,
+                    pp_layer_offset=self.layer_offset,
+                    pg_collection=pg_collection,
+                )
+            else:
+                spec = submodules.attention_layer if kind == ATTENTION else submodules.mlp_layer
+                layer = build_module(
+                    spec, config=config, layer_number=global_number - mcore_offset, pg_collection=pg_collection
+                )
+                assert layer.layer_number == global_number, (layer.layer_number, global_number)
+            self.layers.append(layer)
+
+        if post_process and post_layer_norm:
+            self.final_norm = build_module(
+                submodules.final_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
+
+    def set_input_tensor(self, input_tensor: Tensor) -> None:
+        """Pipeline schedules hand a previous stage's output in here instead of via forward()."""
+        self.input_tensor = input_tensor
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor],
+        inference_context=None,
+        rotary_pos_emb: Optional[Tensor] = None,
+        *,
+        inference_params=None,
+        packed_seq_params=None,
+        padding_mask=None,
+    ) -> Tensor:
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        for layer in self.layers:
+            with self.layer_context(layer.layer_number - 1):
+                if isinstance(layer, TransformerLayer):
+                    hidden_states, _ = layer(
+                        hidden_states=hidden_states,
+                        attention_mask=attention_mask,
+                        rotary_pos_emb=rotary_pos_emb,
+                        packed_seq_params=packed_seq_params,
+                    )
+                else:
+                    hidden_states = layer(
+                        hidden_states=hidden_states, attention_mask=attention_mask, packed_seq_params=packed_seq_params
+                    )
+        if self.post_process and self.post_layer_norm:
+            hidden_states = self.final_norm(hidden_states)
+        # The pipeline schedule frees the output's storage after sending it; a view would
+        # free its base too.
+        return make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
+        sharded: ShardedStateDict = {}
+        for local_idx, layer in enumerate(self.layers):
+            local_prefix = f"{prefix}layers.{local_idx}."
+            layer_sd = layer.sharded_state_dict(local_prefix, [], metadata)
+            # Checkpoint keys use the global layer index, so any PP split can read them.
+            replace_prefix_for_sharding(layer_sd, local_prefix, f"{prefix}layers.{layer.layer_number - 1}.")
+            sharded.update(layer_sd)
+        for name, module in self.named_children():
+            if module is not self.layers:
+                sharded.update(
+                    sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group)
+                )
+        return sharded

@@ -1,0 +1,81 @@
+"""Device and communication backend selection.
+
+CUDA + NCCL when a GPU is present; otherwise CPU + gloo with megatron-core's CUDA-only
+calls redirected (see cpu_shim). This is the only place the project branches on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Platform:
+    device_type: str  # "cuda" | "cpu"
+    backend: str  # "nccl" | "gloo"
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+
+def detect_platform() -> Platform:
+    forced = os.environ.get("NEMOTRON_TRAIN_DEVICE", "").lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"NEMOTRON_TRAIN_DEVICE={forced!r}: use 'cpu' or 'cuda'")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise ValueError("NEMOTRON_TRAIN_DEVICE=cuda but no CUDA device is visible")
+    if forced != "cpu" and torch.cuda.is_available():
+        return Platform("cuda", "nccl")
+    return Platform("cpu", "gloo")
+
+
+def setup_platform() -> Platform:
+    """Pick the platform and, on CPU, install the redirections megatron-core needs."""
+    platform = detect_platform()
+    if platform.is_cpu:
+        from nemotron_train.platform.cpu_shim import install_cpu_shims
+
+        install_cpu_shims()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return platform
+
+
+def init_distributed(platform: Platform, timeout_minutes: float = 10.0) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's env (RANK, WORLD_SIZE, MASTER_*).
+
+    A single process without those variables becomes a world of one on a free port."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group(
+        backend=platform.backend,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["Platform", "detect_platform", "setup_platform", "init_distributed", "free_port"]

@@ -1,0 +1,181 @@
+"""The pretraining loop. Setup runs in a fixed order:
+config -> validate -> process groups -> model from spec -> DDP wrap -> optimizer -> data
+-> checkpoint resume -> train.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+    unset_num_microbatches_calculator,
+    update_num_microbatches,
+)
+
+from nemotron_train.config import Config, save_config
+from nemotron_train.config.validate import validate_config
+from nemotron_train.distributed import init_process_groups
+from nemotron_train.models.build import build_model
+from nemotron_train.platform import setup_platform
+from nemotron_train.training.metrics import MetricsLogger
+from nemotron_train.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from nemotron_train.training.step import eval_step, train_step
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/scheduler that a resumed run needs."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _flops_per_token(cfg: Config) -> float:
+    from nemotron_train.plan import compute_plan
+
+    return float(compute_plan(cfg, world_size=1)["flops_per_token"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # --- platform and process groups
+        self.platform = setup_platform()
+        self.pgs = init_process_groups(cfg, self.platform)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dp_size = validate_config(cfg, self.world_size)
+        self.dp_rank = self.pgs.dp.rank()
+        self.device = self.platform.device
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        # --- model from spec, DDP, optimizer, schedule
+        model = build_model(cfg, self.pgs, self.platform.device_type)
+        self.tcfg = model.config
+        # Per-token loss over the global batch: grads are divided by the global token count.
+        self.tcfg.calculate_per_token_loss = True
+        self.model = wrap_ddp(cfg, model, self.tcfg, self.pgs)
+        self.optimizer = build_optimizer(cfg, [self.model])
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.no_sync_func = self.model.no_sync
+        unset_num_microbatches_calculator()
+        t = cfg.train
+        init_num_microbatches_calculator(
+            self.rank, cfg.scheduler.rampup_batch_size or None, t.global_batch_size, t.micro_batch_size, self.dp_size
+        )
+        # --- data
+        from nemotron_train.data import build_datasets, build_tokenizer
+
+        self.tokenizer = build_tokenizer(cfg)
+        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer)
+        # --- checkpoint resume
+        from nemotron_train.checkpoint import Checkpointer
+
+        self.checkpointer = Checkpointer(cfg, self.pgs, is_logging_rank=self.rank == 0)
+        self.state = self.checkpointer.load_latest(self.model, self.optimizer, self.scheduler) or TrainState()
+        self.metrics = MetricsLogger(cfg, self.rank == 0, _flops_per_token(cfg), self.world_size, self.platform.device_type)
+
+    # ------------------------------------------------------------------ loop
+
+    def _train_iterator(self):
+        from nemotron_train.data import make_train_iterator
+
+        return make_train_iterator(self.train_ds, self.cfg, self.dp_rank, self.dp_size, self.state.consumed_samples)
+
+    def evaluate(self) -> Optional[float]:
+        if self.valid_ds is None:
+            return None
+        from nemotron_train.data import make_eval_iterator
+
+        t = self.cfg.train
+        iterator = make_eval_iterator(self.valid_ds, self.cfg, self.dp_rank, self.dp_size)
+        num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        losses = [
+            eval_step(self.model, iterator, self.pgs, self.device, t.seq_length, t.micro_batch_size, num_micro)
+            for _ in range(t.eval_iters)
+        ]
+        return float(np.mean(losses))
+
+    def train(self) -> Dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.rank == 0:
+            save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+        from launch.signals import ExitSignalHandler, should_exit
+
+        signals = ExitSignalHandler((t.exit_signal, "SIGTERM", "SIGUSR1"))
+        start_time = time.time()
+        self.metrics.start(self.state.step)
+        data_iter = self._train_iterator()
+        last_val, stop_reason = None, None
+        first_loss = last_loss = None
+        while self.state.step < t.steps:
+            update_num_microbatches(self.state.consumed_samples, consistency_check=True)
+            gbs = get_current_global_batch_size()
+            step_start = time.perf_counter()
+            loss, grad_norm, _ = train_step(
+                self.model, self.optimizer, self.scheduler, data_iter, self.pgs, self.device,
+                t.seq_length, t.micro_batch_size, gbs,
+            )
+            step_time = time.perf_counter() - step_start
+            self.state.step += 1
+            self.state.consumed_samples += gbs
+            step = self.state.step
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            log = step % t.log_interval == 0 or step == t.steps or step == 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.metrics.train_step(step, loss, lr, grad_norm, step_time, gbs * t.seq_length, log)
+            if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+                last_val = self._validate(step)
+            if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0 and step < t.steps:
+                self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+            stop_reason = should_exit(signals, start_time, t.exit_duration_minutes, group=None)
+            if stop_reason:
+                break
+        if stop_reason is None:
+            last_val = self._validate(self.state.step)
+        if self.cfg.checkpoint.save_at_end or stop_reason:
+            self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+        self.checkpointer.finalize()
+        summary = {
+            "steps": self.state.step,
+            "consumed_samples": self.state.consumed_samples,
+            "first_loss": first_loss,
+            "final_loss": last_loss,
+            "final_val_loss": last_val,
+            "wall_time_s": round(time.time() - start_time, 2),
+            "stopped_early": stop_reason,
+        }
+        self.metrics.close(summary)
+        return summary
+
+    def _validate(self, step: int) -> Optional[float]:
+        val = self.evaluate()
+        if val is not None:
+            self.metrics.validation(step, val)
+        return val
+
+
+def run(cfg: Config) -> Dict[str, Any]:
+    return Trainer(cfg).train()
