@@ -23,8 +23,10 @@ import json
 import os
 import shutil
 import sys
+import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,7 +113,7 @@ class Checkpointer:
         self.pgs = pgs
         self.is_logging_rank = is_logging_rank
         self.root = Path(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
-        self._pending: List[Any] = []
+        self._queue = None
 
     # ------------------------------------------------------------------ state dicts
 
@@ -137,9 +139,14 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
 
     def save(self, model, optimizer, scheduler, state) -> Path:
+        """Write shards into a staging directory; commit once every rank has finished.
+
+        With `checkpoint.async_save` the shards are written by a background process while
+        training continues, and the commit runs from `maybe_finalize()` on a later step."""
         final = self.root / iter_dir_name(state.step)
         if final.exists():
             return final  # already saved this step (e.g. interval and end coincide)
+        self.maybe_finalize(blocking=True)  # one save in flight at a time
         staging = final.with_name(final.name + INCOMPLETE)
         if self.is_logging_rank:
             if staging.exists():
@@ -147,17 +154,43 @@ class Checkpointer:
             staging.mkdir(parents=True)
         dist.barrier()
         sd = self._sharded_state_dict(model, optimizer, scheduler, state, is_loading=False)
-        dist_checkpointing.save(sd, str(staging))
-        dist.barrier()  # every rank has finished writing its shards
-        if self.is_logging_rank:
-            meta = {"step": state.step, "consumed_samples": state.consumed_samples, "config": dataclasses.asdict(self.cfg)}
-            _fsync_write(staging / META, json.dumps(meta, indent=1))
-            os.replace(staging, final)
-            _fsync_write(self.root / TRACKER, str(state.step))
-            self._prune()
-            print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
-        dist.barrier()
+        meta = {"step": state.step, "consumed_samples": state.consumed_samples, "config": dataclasses.asdict(self.cfg)}
+        commit = partial(self._commit, staging, final, meta)
+        if self.cfg.checkpoint.async_save:
+            request = dist_checkpointing.save(sd, str(staging), async_sharded_save=True)
+            request.add_finalize_fn(commit)
+            self._async_queue().schedule_async_request(request)
+        else:
+            dist_checkpointing.save(sd, str(staging))
+            dist.barrier()  # every rank has finished writing its shards
+            commit()
+            dist.barrier()
         return final
+
+    def _commit(self, staging: Path, final: Path, meta: Dict[str, Any]) -> None:
+        """Runs on every rank after all shards are on disk; rank 0 publishes the checkpoint."""
+        if not self.is_logging_rank:
+            return
+        delay = float(os.environ.get("NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S", "0"))
+        if delay:  # fault-injection window for crash-safety tests
+            time.sleep(delay)
+        _fsync_write(staging / META, json.dumps(meta, indent=1))
+        os.replace(staging, final)
+        _fsync_write(self.root / TRACKER, str(meta["step"]))
+        self._prune()
+        print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
+
+    def _async_queue(self):
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+        return self._queue
+
+    def maybe_finalize(self, blocking: bool = False) -> None:
+        """Commit finished async saves (call on every rank, every step)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last
@@ -166,7 +199,11 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def finalize(self) -> None:
-        """Wait for outstanding saves (async saving keeps them pending)."""
+        """Wait for outstanding saves and commit them."""
+        self.maybe_finalize(blocking=True)
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
         dist.barrier()
 
     # ------------------------------------------------------------------ load

@@ -10,6 +10,7 @@ in the project special-cases the CPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Any
 
@@ -25,7 +26,8 @@ def _is_cuda_device(dev: Any) -> bool:
         return dev.type == "cuda"
     if isinstance(dev, str):
         return dev.startswith("cuda")
-    return False
+    # `device=torch.cuda.current_device()` passes a bare index, which means an accelerator.
+    return isinstance(dev, int) and not isinstance(dev, bool)
 
 
 class _CudaToCpuMode(TorchFunctionMode):
@@ -41,8 +43,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
-            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if func is torch.Tensor.to and args:
+            # Positional ints here are sizes or dtypes' neighbours, not devices: map names only.
+            args = tuple("cpu" if isinstance(a, (str, torch.device)) and _is_cuda_device(a) else a for a in args)
         return func(*args, **kwargs)
 
 
@@ -125,6 +128,31 @@ def _patch_mcore_rng() -> None:
         mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
 
 
+def _patch_custom_backward() -> None:
+    """The autograd engine runs custom `Function.backward`s without the Python mode stack,
+    and mcore's parallel linears allocate `device=torch.cuda.current_device()` buffers there:
+    re-enter the redirection around each custom backward."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch._C._len_torch_function_stack() > 0:
+            return original(self, *args)
+        with _CudaToCpuMode():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
+class _DropSharedGeneratorWarning(logging.Filter):
+    """On CPU the "CUDA" RNG tracker and the CPU RNG are one generator, so mcore's check that
+    a fork left the CPU state alone always fires; the warning is expected and dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def install_cpu_shims() -> None:
     """Idempotently install the CPU redirections (process-wide)."""
     global _installed
@@ -132,7 +160,9 @@ def install_cpu_shims() -> None:
         if _installed:
             return
         _patch_cuda_module()
+        logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropSharedGeneratorWarning())
         _CudaToCpuMode().__enter__()  # stays active for the life of the process
+        _patch_custom_backward()
         _installed = True
 
 

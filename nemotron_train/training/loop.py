@@ -60,11 +60,11 @@ def _flops_per_token(cfg: Config) -> float:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        # --- platform and process groups
+        # --- validate before any process group starts, then platform and process groups
+        self.dp_size = validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.platform = setup_platform()
         self.pgs = init_process_groups(cfg, self.platform)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.dp_size = validate_config(cfg, self.world_size)
         self.dp_rank = self.pgs.dp.rank()
         self.device = self.platform.device
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -150,6 +150,7 @@ class Trainer:
                 last_val = self._validate(step)
             if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0 and step < t.steps:
                 self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+            self.checkpointer.maybe_finalize()
             stop_reason = should_exit(signals, start_time, t.exit_duration_minutes, group=None)
             if stop_reason:
                 break

@@ -1,0 +1,311 @@
+"""`nemotron-train plan`: layout, parameter counts, memory and FLOPs of a run, computed from
+the config alone (no process group, no weights), so it answers instantly even for 56B.
+
+Parameters (no biases on linear layers; h hidden, V vocab, t = parallel.tp):
+  embedding V*h (first stage), output layer V*h (last stage, untied), final norm h (last stage)
+  Mamba-2 layer: norm h + in_proj h*(2*d_inner + 2*G*N + H) + conv1d (d_inner + 2*G*N)*(K + 1)
+                 + dt_bias, A_log, D (H each) + gated norm d_inner + out_proj d_inner*h
+  attention layer: norm h + qkv h*(nq*d + 2*nkv*d) + out (nq*d)*h
+  MLP layer: norm h + 2*h*ffn
+  (d_inner = H*P with H Mamba heads of dim P, G groups, N state, K conv kernel.)
+Per rank, everything but the pre-layer norms (and the final norm) is sharded t ways; the
+vocabulary is padded up to a multiple of t.
+
+Model FLOPs per token follow Megatron-LM's `num_floating_point_operations` hybrid branch
+(s = sequence length, p = nq*d / h, g = KV groups):
+  attention 4*h*p*(h + h*g/nq + s/2)      (QKV, out projection, causal QK^T and AV)
+  MLP       4*h*ffn
+  Mamba-2   2*h*(2*d_in + 2*G*N + H) + 7*d_in*N + 2*d_in*h    (in_proj, scan, out_proj)
+  logits    2*h*V
+times 3 for forward + backward. Megatron hard-codes d_in = 2*h; we use d_inner = H*P, which
+is the same for every Nemotron-H recipe.
+
+Memory per GPU (bytes, heaviest pipeline stage):
+  weights   params_per_rank x (2 for bf16, 4 for fp32)
+  grads     params_per_rank x 4 (fp32 main grads) or 2 with bf16 params and grad_reduce_in_fp32=false
+  optimizer fp32 master copy (when params are bf16) + Adam exp_avg and exp_avg_sq (SGD: momentum),
+            divided by the data-parallel size with the distributed optimizer
+  fp8 cache FP8 weight copies (row- and column-wise, 1 byte each) of the FP8 layers' weights
+  activations: sum of the tensors each layer saves for backward, per micro-batch, with flash
+            attention, no recomputation and no dropout, in the parameter dtype (FP8 GEMM inputs
+            are counted at that width too, so this is an upper bound with FP8): per token,
+              Mamba-2   2*h/sp + (W + (d_inner + 2*G*N) + 2*d_inner)/t elements + fp32 dt, dA
+              attention 2*h/sp + (nq*d + 2*nkv*d + nq*d)/t elements + fp32 softmax stats
+              MLP       2*h/sp + 2*ffn/t elements
+            with sp = t under sequence parallelism else 1, plus the embedding output on the first
+            stage and the final norm, output-layer input and fp32 logits (V/t) on the last. The
+            1F1B schedule keeps min(pp - stage, micro-batches per step) micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from nemotron_train.config.loader import load_config
+from nemotron_train.config.schema import Config, ModelConfig
+from nemotron_train.config.validate import mamba_d_inner, mamba_in_proj_width, validate_config
+from nemotron_train.models.pattern import ATTENTION, LAYER_CHARS, MAMBA, MLP, layer_name, split_stages
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    params: int  # whole layer
+    params_per_rank: int  # one TP rank's share
+    act_bytes_per_token: float  # saved for backward, one TP rank
+    flops_per_token: float  # forward only
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 2 if dtype == "bf16" else 4
+
+
+def _layer_cost(cfg: Config, char: str) -> LayerCost:
+    m, tp = cfg.model, cfg.parallel.tp
+    h, s = m.hidden_size, cfg.train.seq_length
+    act = _dtype_bytes(cfg.precision.params_dtype)
+    # Sequence parallelism shards the h-wide tensors around each layer across the TP group.
+    h_rank = h / tp if cfg.parallel.sp and tp > 1 else h
+    norm_acts = 2 * h_rank * act  # layer input (residual) and norm output
+    if char == MAMBA:
+        d_inner, heads = mamba_d_inner(m), m.mamba_num_heads
+        conv_ch = d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim
+        width = mamba_in_proj_width(m)
+        sharded = h * width + conv_ch * m.conv_kernel + conv_ch + 3 * heads + d_inner + d_inner * h
+        acts = norm_acts + (width + conv_ch + 2 * d_inner) / tp * act + 2 * heads / tp * 4
+        flops = 2 * h * width + 7 * d_inner * m.mamba_state_dim + 2 * d_inner * h
+    elif char == ATTENTION:
+        q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+        sharded = h * (q + 2 * kv) + q * h
+        acts = norm_acts + (q + 2 * kv + q) / tp * act + m.num_attention_heads / tp * 4
+        p = q / h
+        flops = 4 * h * p * (h + h * m.num_query_groups / m.num_attention_heads + s / 2)
+    else:
+        assert char == MLP, char
+        sharded = 2 * h * m.ffn_hidden_size
+        acts = norm_acts + 2 * m.ffn_hidden_size / tp * act
+        flops = 4 * h * m.ffn_hidden_size
+    assert sharded % tp == 0, (char, sharded, tp)  # validate_config checked the divisibility
+    return LayerCost(h + sharded, h + sharded // tp, acts, flops)
+
+
+def _vocab_per_rank(m: ModelConfig, tp: int) -> int:
+    return math.ceil(m.vocab_size / tp)
+
+
+def _param_counts(cfg: Config, costs: Dict[str, LayerCost]) -> Dict[str, int]:
+    m = cfg.model
+    types = m.pattern.replace("|", "")
+    embedding = m.vocab_size * m.hidden_size
+    output = embedding if m.untie_embeddings_and_output_weights else 0
+    layers = sum(costs[c].params for c in types)
+    total = embedding + layers + m.hidden_size + output
+    return {
+        "total_params": total,
+        "embedding_params": embedding,
+        "output_layer_params": output,
+        "layer_params": layers,
+        "non_embedding_params": total - embedding - output,
+    }
+
+
+def _optimizer_bytes_per_param(cfg: Config) -> int:
+    master = 4 if cfg.precision.params_dtype != "fp32" else 0
+    states = 8 if cfg.optimizer.name == "adam" else 4
+    return master + states
+
+
+def _stage_plan(cfg: Config, costs: Dict[str, LayerCost], stage: int, layers: str, first: int,
+                dp: int, num_micro: int) -> Dict[str, Any]:
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tp, p.pp
+    act = _dtype_bytes(cfg.precision.params_dtype)
+    h_rank = m.hidden_size / tp if p.sp and tp > 1 else m.hidden_size
+    vocab_rank = _vocab_per_rank(m, tp)
+    params = sum(costs[c].params_per_rank for c in layers)
+    act_per_token = sum(costs[c].act_bytes_per_token for c in layers)
+    if stage == 0:
+        params += vocab_rank * m.hidden_size
+        act_per_token += h_rank * act  # embedding output
+    if stage == pp - 1:
+        # An untied output layer, or with pp > 1 the last stage's copy of the tied embedding.
+        if m.untie_embeddings_and_output_weights or pp > 1:
+            params += vocab_rank * m.hidden_size
+        params += m.hidden_size  # final norm
+        act_per_token += 2 * h_rank * act + vocab_rank * 4  # final norm in/out, fp32 logits
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_length
+    act_bytes = int(act_per_token * tokens)
+    in_flight = min(pp - stage, num_micro)
+    memory = _stage_memory(cfg, costs, layers, first, params, dp)
+    memory["activations"] = act_bytes * in_flight
+    return {
+        "stage": stage,
+        "first_layer": first,
+        "num_layers": len(layers),
+        "layers": layers,
+        "layer_counts": {layer_name(c): layers.count(c) for c in LAYER_CHARS},
+        "params_per_rank": params,
+        "activation_bytes_per_microbatch": act_bytes,
+        "microbatches_in_flight": in_flight,
+        "memory_bytes": memory,
+        "memory_total_bytes": sum(memory.values()),
+    }
+
+
+def _stage_memory(cfg: Config, costs: Dict[str, LayerCost], layers: str, first: int,
+                  params: int, dp: int) -> Dict[str, int]:
+    pr = cfg.precision
+    grad_bytes = 4 if (pr.grad_reduce_in_fp32 or pr.params_dtype == "fp32") else 2
+    optim = params * _optimizer_bytes_per_param(cfg)
+    if cfg.optimizer.use_distributed_optimizer:
+        optim = math.ceil(optim / dp)
+    fp8_cache = 0
+    if pr.fp8.enabled:
+        keep = pr.fp8.first_last_layers_bf16
+        last_fp8 = cfg.model.num_layers - keep
+        for i, char in enumerate(layers, start=first):
+            if keep <= i < last_fp8:
+                fp8_cache += 2 * (costs[char].params_per_rank - cfg.model.hidden_size)
+    return {
+        "weights": params * _dtype_bytes(pr.params_dtype),
+        "grads": params * grad_bytes,
+        "optimizer": optim,
+        "fp8_cache": fp8_cache,
+    }
+
+
+def _flops(cfg: Config, costs: Dict[str, LayerCost]) -> Dict[str, float]:
+    m = cfg.model
+    types = m.pattern.replace("|", "")
+    parts = {layer_name(c): 3 * types.count(c) * costs[c].flops_per_token for c in LAYER_CHARS}
+    parts["logits"] = 3 * 2 * m.hidden_size * m.vocab_size
+    return parts
+
+
+def compute_plan(cfg: Config, world_size: Optional[int] = None) -> Dict[str, Any]:
+    """Layout, parameter counts, per-GPU memory and model FLOPs of a run (see module docstring)."""
+    if world_size is None:
+        world_size = cfg.launch.nproc_per_node * cfg.launch.nnodes
+    dp = validate_config(cfg, world_size)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    costs = {c: _layer_cost(cfg, c) for c in LAYER_CHARS}
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    stages, first = [], 0
+    for index, layers in enumerate(split_stages(m.pattern, p.pp)):
+        stages.append(_stage_plan(cfg, costs, index, layers, first, dp, num_micro))
+        first += len(layers)
+    heaviest = max(stages, key=lambda st: st["memory_total_bytes"])
+    flops = _flops(cfg, costs)
+    flops_per_token = sum(flops.values())
+    tokens_per_step = t.global_batch_size * t.seq_length
+    types = m.pattern.replace("|", "")
+    return {
+        "model": m.name,
+        "world_size": world_size,
+        "parallel": {"tp": p.tp, "pp": p.pp, "cp": p.cp, "dp": dp, "sp": p.sp},
+        "num_layers": len(types),
+        "layer_counts": {layer_name(c): types.count(c) for c in LAYER_CHARS},
+        "mamba_d_inner": mamba_d_inner(m),
+        **_param_counts(cfg, costs),
+        "params_per_rank": max(st["params_per_rank"] for st in stages),
+        "stages": stages,
+        "num_microbatches": num_micro,
+        "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token,
+        "flops_per_token_breakdown": flops,
+        "flops_per_step": flops_per_token * tokens_per_step,
+        "memory_per_gpu_bytes": heaviest["memory_total_bytes"],
+        "memory_breakdown_bytes": heaviest["memory_bytes"],
+        "memory_heaviest_stage": heaviest["stage"],
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _short(layers: str, width: int = 40) -> str:
+    return layers if len(layers) <= width else layers[: width - 3] + "..."
+
+
+def format_plan(plan: Dict[str, Any]) -> str:
+    """Readable multi-line rendering of compute_plan's result."""
+    par = plan["parallel"]
+    counts = ", ".join(f"{v} {k}" for k, v in plan["layer_counts"].items())
+    lines = [
+        f"model {plan['model']}: {plan['num_layers']} layers ({counts}), Mamba d_inner {plan['mamba_d_inner']}",
+        f"world size {plan['world_size']} = tp {par['tp']} x pp {par['pp']} x cp {par['cp']} x dp {par['dp']}"
+        f"  (sequence parallel: {'on' if par['sp'] else 'off'})",
+        f"parameters: total {_fmt_count(plan['total_params'])} ({plan['total_params']:,}); "
+        f"embedding {_fmt_count(plan['embedding_params'])}, output layer {_fmt_count(plan['output_layer_params'])}, "
+        f"layers {_fmt_count(plan['layer_params'])}",
+        "",
+        f"{'stage':>5}  {'layers':>9}  {'M/*/-':>9}  {'params/rank':>11}  {'act/mb':>10}  {'in flight':>9}  "
+        f"{'memory/GPU':>11}  pattern",
+    ]
+    for st in plan["stages"]:
+        c = st["layer_counts"]
+        span = f"{st['first_layer']}-{st['first_layer'] + st['num_layers'] - 1}"
+        mix = "/".join(str(v) for v in c.values())
+        lines.append(
+            f"{st['stage']:>5}  {span:>9}  {mix:>9}  {_fmt_count(st['params_per_rank']):>11}  "
+            f"{_fmt_bytes(st['activation_bytes_per_microbatch']):>10}  {st['microbatches_in_flight']:>9}  "
+            f"{_fmt_bytes(st['memory_total_bytes']):>11}  {_short(st['layers'])}"
+        )
+    mem = plan["memory_breakdown_bytes"]
+    breakdown = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items())
+    flops = ", ".join(f"{k} {_fmt_count(v)}" for k, v in plan["flops_per_token_breakdown"].items())
+    lines += [
+        "",
+        f"memory per GPU: {_fmt_bytes(plan['memory_per_gpu_bytes'])} (stage {plan['memory_heaviest_stage']}: {breakdown})",
+        f"model FLOPs per token (fwd+bwd): {_fmt_count(plan['flops_per_token'])} ({flops}); "
+        f"6 x params = {_fmt_count(6 * plan['total_params'])}",
+        f"per step: {plan['tokens_per_step']:,} tokens in {plan['num_microbatches']} micro-batches per DP rank, "
+        f"{plan['flops_per_step']:.3e} FLOPs",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    plan = compute_plan(cfg, args.world_size)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(format_plan(plan))
+    sys.stdout.flush()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="show layout, parameter counts, memory and FLOPs of a config without running it",
+        description="Compute the pipeline layout, parameter counts, per-GPU memory and model FLOPs of a "
+        "config without starting processes or allocating weights.",
+    )
+    parser.add_argument("config", help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="number of GPUs (default: launch.nproc_per_node x launch.nnodes)")
+    parser.set_defaults(func=_run)
