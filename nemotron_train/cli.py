@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 # Modules that register subcommands, in help order. A module that fails to import is a bug.
@@ -34,8 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_warnings() -> None:
+    """Warnings about optional fused kernels say nothing actionable on every rank's start."""
+    for pattern in (
+        "Transformer Engine and Apex are not installed",
+        "full scope is deprecated",
+        "Apex is not installed",
+    ):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from nemotron_train.config.loader import ConfigError
+
+    _quiet_known_warnings()
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ does rank 0 rename it to `iter_0000100/` and replace the tracker atomically (tem
 fsync, rename). A crash at any point leaves the previous checkpoint and tracker intact;
 the next run reports the leftover `.incomplete` directory and resumes from the tracker.
 
-Optimizer state is saved per parameter in model space (`fully_sharded_model_space`), so a
+Optimizer state is saved per parameter in model space (`fully_reshardable`), so a
 run can resume with different TP, PP or DP sizes; layer keys are global (see stack.py), so
 PP changes work for Mamba layers too.
 """
@@ -38,7 +38,7 @@ from nemotron_train.config.schema import Config, ModelConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "nemotron_train.json"
 INCOMPLETE = ".incomplete"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that must match for a checkpoint to load (the rest may change on resume).
 ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "spec", "init_method_std")]
 

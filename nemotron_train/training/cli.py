@@ -51,6 +51,12 @@ def _check_port(cfg: Config) -> None:
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be checked before any rank starts."""
     validate_config(cfg, world_size)
+    if cfg.precision.fp8.enabled:
+        from nemotron_train.fp8 import check_fp8_config, device_capability, resolve_backend
+        from nemotron_train.platform import detect_platform
+
+        device_type = detect_platform().device_type
+        check_fp8_config(cfg, resolve_backend(cfg, device_type), device_capability(device_type))
     from nemotron_train.data import check_data_config
 
     check_data_config(cfg)
@@ -89,14 +95,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run_rank(cfg: Config) -> int:
-    from launch.signals import EXIT_CODE_RESUMABLE, mark_completed
+    from launch.signals import mark_completed, resumable_exit_code
     from nemotron_train.training.loop import run
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_config(cfg, world)
     summary = run(cfg)
     if summary["stopped_early"]:
-        return EXIT_CODE_RESUMABLE
+        return resumable_exit_code()
     if int(os.environ.get("RANK", "0")) == 0:
         mark_completed(cfg.run.output_dir)
     return 0

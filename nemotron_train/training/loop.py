@@ -26,6 +26,7 @@ from megatron.core.num_microbatches_calculator import (
 from nemotron_train.config import Config, save_config
 from nemotron_train.config.validate import validate_config
 from nemotron_train.distributed import init_process_groups
+from nemotron_train.fp8 import fp8_end_of_step, resolve_backend
 from nemotron_train.models.build import build_model
 from nemotron_train.platform import setup_platform
 from nemotron_train.training.metrics import MetricsLogger
@@ -51,10 +52,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _flops_per_token(cfg: Config) -> float:
+def _flops_per_token(cfg: Config, world_size: int) -> float:
     from nemotron_train.plan import compute_plan
 
-    return float(compute_plan(cfg, world_size=1)["flops_per_token"])
+    return float(compute_plan(cfg, world_size=world_size)["flops_per_token"])
 
 
 class Trainer:
@@ -70,6 +71,7 @@ class Trainer:
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         # --- model from spec, DDP, optimizer, schedule
         model = build_model(cfg, self.pgs, self.platform.device_type)
+        self.fp8_backend = resolve_backend(cfg, self.platform.device_type) if cfg.precision.fp8.enabled else None
         self.tcfg = model.config
         # Per-token loss over the global batch: grads are divided by the global token count.
         self.tcfg.calculate_per_token_loss = True
@@ -94,7 +96,7 @@ class Trainer:
 
         self.checkpointer = Checkpointer(cfg, self.pgs, is_logging_rank=self.rank == 0)
         self.state = self.checkpointer.load_latest(self.model, self.optimizer, self.scheduler) or TrainState()
-        self.metrics = MetricsLogger(cfg, self.rank == 0, _flops_per_token(cfg), self.world_size, self.platform.device_type)
+        self.metrics = MetricsLogger(cfg, self.rank == 0, _flops_per_token(cfg, self.world_size), self.world_size, self.platform.device_type)
 
     # ------------------------------------------------------------------ loop
 
@@ -121,9 +123,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.rank == 0:
             save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
-        from launch.signals import ExitSignalHandler, should_exit
+        from launch.signals import ExitSignalHandler, exit_signal_names, should_exit
 
-        signals = ExitSignalHandler((t.exit_signal, "SIGTERM", "SIGUSR1"))
+        signals = ExitSignalHandler(exit_signal_names(t.exit_signal))
         start_time = time.time()
         self.metrics.start(self.state.step)
         data_iter = self._train_iterator()
@@ -137,6 +139,8 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, data_iter, self.pgs, self.device,
                 t.seq_length, t.micro_batch_size, gbs,
             )
+            if self.fp8_backend is not None:
+                fp8_end_of_step(self.model, cfg, self.fp8_backend)  # delayed-scaling history
             step_time = time.perf_counter() - step_start
             self.state.step += 1
             self.state.consumed_samples += gbs

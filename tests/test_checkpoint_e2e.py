@@ -1,0 +1,91 @@
+"""Checkpoints end to end: exact resume, resharding across TP/PP/DP, crash safety, mismatches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_e2e import ROOT, SMOKE, SHORT, _env, _free_port, losses, train
+
+pytestmark = pytest.mark.slow
+# Fixed schedule length so a shorter first leg has the same LR curve as the full run.
+SIX = ["scheduler.decay_steps=6", "checkpoint.save_at_end=true", "checkpoint.keep_last=5"]
+ONE_RANK = ["parallel.tp=1", "parallel.sp=false", "launch.nproc_per_node=1"]
+LAYOUTS = {
+    "tp1": ONE_RANK,
+    "tp2": ["parallel.tp=2", "parallel.sp=true", "launch.nproc_per_node=2"],
+    "pp2": ["parallel.tp=1", "parallel.sp=false", "parallel.pp=2", "launch.nproc_per_node=2"],
+    "dp2": ["parallel.tp=1", "parallel.sp=false", "launch.nproc_per_node=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "straight"
+    train(out, *ONE_RANK, *SIX, "train.steps=6")
+    return losses(out)
+
+
+def _two_legs(out: Path, first, second):
+    train(out, *first, *SIX, "train.steps=3")
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    proc = train(out, *second, *SIX, "train.steps=6")
+    assert "resumed from" in proc.stderr
+    return losses(out)
+
+
+def test_resume_is_exact(tmp_path, straight):
+    got = _two_legs(tmp_path / "legs", ONE_RANK, ONE_RANK)
+    assert got == straight  # bitwise: deterministic mode, same layout
+
+
+@pytest.mark.parametrize("saved,resumed", [("tp2", "tp1"), ("pp2", "tp1"), ("dp2", "tp1"), ("tp1", "tp2"), ("tp1", "pp2")])
+def test_resume_with_another_layout(tmp_path, straight, saved, resumed):
+    got = _two_legs(tmp_path / f"{saved}_to_{resumed}", LAYOUTS[saved], LAYOUTS[resumed])
+    assert len(got) == 6
+    for step, (a, b) in enumerate(zip(got, straight), start=1):
+        assert abs(a - b) <= 2e-4 * abs(b), f"step {step}: {a} vs {b}"
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, straight):
+    out = tmp_path / "killed"
+    train(out, *ONE_RANK, *SIX, "train.steps=3")
+    ckpts = out / "checkpoints"
+    # Second leg: hold the commit of the step-6 save open, and SIGKILL the run inside it.
+    args = ["train", SMOKE, f"run.output_dir={out}", f"launch.master_port={_free_port()}", *SHORT, *ONE_RANK, *SIX, "train.steps=6"]
+    env = dict(_env(), NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S="60")
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron_train", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    staging = ckpts / "iter_0000006.incomplete"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (staging / ".metadata").exists():
+        time.sleep(0.2)
+    assert (staging / ".metadata").exists(), "the save never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (ckpts / "iter_0000003" / "nemotron_train.json").exists()
+    assert not (ckpts / "iter_0000006").exists()
+    # The next run resumes from step 3, says what it ignored, and ends where the straight run did.
+    lines_before = len((out / "metrics.jsonl").read_text().splitlines())
+    resumed = train(out, *ONE_RANK, *SIX, "train.steps=6")
+    assert "iter_0000006.incomplete" in resumed.stderr and "resumed from" in resumed.stderr
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()[lines_before:]]
+    tail = [r["loss"] for r in records if "loss" in r]
+    assert tail == straight[3:]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    out = tmp_path / "other"
+    train(out, *ONE_RANK, *SIX, "train.steps=2")
+    proc = train(out, *ONE_RANK, *SIX, "train.steps=4", "model.hidden_size=96", "model.mamba_head_dim=24",
+                 expect_ok=False)
+    assert proc.returncode != 0
+    assert "model.hidden_size: checkpoint 64 vs config 96" in proc.stderr
+    assert "model.mamba_head_dim" in proc.stderr
