@@ -109,7 +109,7 @@ def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type:
     if spec_name == "te":
         stack_spec = te_stack_spec(layer_context)
     else:
-        stack_spec = local_stack_spec(fp8_emulation=backend == "emulated", layer_context=layer_context)
+        stack_spec = local_stack_spec(backend == "emulated", layer_context, init_seed=cfg.train.seed)
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     layer_types(cfg.model.pattern)  # raises a clear error on a bad pattern
     model = MambaModel(
@@ -124,6 +124,25 @@ def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type:
         position_embedding_type="none",
         pg_collection=pg_collection,
     )
+    if config.use_cpu_initialization:
+        _reinit_vocab_weights(model, cfg, pg_collection)
     if device_type == "cuda":
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _reinit_vocab_weights(model: MambaModel, cfg: Config, pgs: ProcessGroupCollection) -> None:
+    """Embedding and output weights from their own seeds, so they do not depend on which
+    other modules this pipeline stage built before them (CPU initialisation only)."""
+    tp_rank, tp_size = pgs.tp.rank(), pgs.tp.size()
+    targets = []
+    if model.pre_process:
+        targets.append((model.embedding.word_embeddings.weight, 1))
+    if model.post_process and model.output_layer.weight is not None:
+        targets.append((model.output_layer.weight, 2))
+    for weight, tag in targets:
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 1_000_000 + tag)
+        rows = weight.shape[0]  # vocab rows of this TP rank (vocab is padded to a TP multiple)
+        full = torch.empty(rows * tp_size, weight.shape[1]).normal_(0.0, cfg.model.init_method_std, generator=g)
+        with torch.no_grad():
+            weight.copy_(full[tp_rank * rows : (tp_rank + 1) * rows].to(weight.dtype))

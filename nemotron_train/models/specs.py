@@ -12,7 +12,7 @@ the names of TE's fused `layer_norm_weight`.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from typing import Callable, Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -47,7 +47,7 @@ def resolve_spec(requested: str, device_type: str) -> str:
     return requested
 
 
-def local_stack_spec(fp8_emulation: bool, layer_context: Callable) -> ModuleSpec:
+def local_stack_spec(fp8_emulation: bool, layer_context: Callable, init_seed: Optional[int] = None) -> ModuleSpec:
     from nemotron_train.models.mamba_mixer import MambaMixerSubmodules, TorchMambaMixer
 
     if fp8_emulation:
@@ -87,7 +87,7 @@ def local_stack_spec(fp8_emulation: bool, layer_context: Callable) -> ModuleSpec
     )
     return ModuleSpec(
         module=HybridStack,
-        params={"layer_context": layer_context},
+        params={"layer_context": layer_context, "init_seed": init_seed},
         submodules=HybridStackSubmodules(
             mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer, final_norm=RMSNorm
         ),

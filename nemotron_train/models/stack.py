@@ -12,7 +12,7 @@ build it from a spec, and three fixes that matter for Nemotron-H:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -26,6 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
+import torch
 from torch import Tensor, nn
 
 from nemotron_train.models.pattern import split_stages, stage_offset
@@ -45,6 +46,22 @@ def _no_layer_context(global_index: int):
     return nullcontext()
 
 
+def layer_init_rng(config: TransformerConfig, init_seed: Optional[int], global_number: int):
+    """With CPU initialisation each layer draws from its own seed (run seed, global layer
+    number), so a layer gets the same weights whatever the pipeline split or TP size.
+    (On GPU, weights follow Megatron's per-rank RNG tracker.)"""
+    if init_seed is None or not config.use_cpu_initialization:
+        return nullcontext()
+    return _seeded(init_seed * 1_000_003 + global_number)
+
+
+@contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class HybridStack(MegatronModule):
     def __init__(
         self,
@@ -61,6 +78,7 @@ class HybridStack(MegatronModule):
         dtype=None,
         pg_collection: Optional[ProcessGroupCollection] = None,
         layer_context: Callable[[int], object] = _no_layer_context,
+        init_seed: Optional[int] = None,
     ) -> None:
         super().__init__(config=config)
         assert pg_collection is not None, "HybridStack needs an explicit ProcessGroupCollection"
@@ -84,27 +102,28 @@ class HybridStack(MegatronModule):
         self.layers = nn.ModuleList()
         for i, kind in enumerate(self.layer_types):
             global_number = self.layer_offset + i + 1
-            if kind == MAMBA:
-                layer = build_module(
-                    submodules.mamba_layer,
-                    config=config,
-                    residual_in_fp32=residual_in_fp32,
-                    layer_number=global_number,
-                    pp_layer_offset=self.layer_offset,
-                    pg_collection=pg_collection,
-                )
-            else:
-                spec = submodules.attention_layer if kind == ATTENTION else submodules.mlp_layer
-                layer = build_module(
-                    spec, config=config, layer_number=global_number - mcore_offset, pg_collection=pg_collection
-                )
-                assert layer.layer_number == global_number, (layer.layer_number, global_number)
-            self.layers.append(layer)
+            with layer_init_rng(config, init_seed, global_number):
+                self.layers.append(self._build_layer(config, submodules, kind, global_number, mcore_offset, residual_in_fp32))
 
         if post_process and post_layer_norm:
             self.final_norm = build_module(
                 submodules.final_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
             )
+
+    def _build_layer(self, config, submodules, kind: str, global_number: int, mcore_offset: int, residual_in_fp32: bool):
+        if kind == MAMBA:
+            return build_module(
+                submodules.mamba_layer,
+                config=config,
+                residual_in_fp32=residual_in_fp32,
+                layer_number=global_number,
+                pp_layer_offset=self.layer_offset,
+                pg_collection=self.pg_collection,
+            )
+        spec = submodules.attention_layer if kind == ATTENTION else submodules.mlp_layer
+        layer = build_module(spec, config=config, layer_number=global_number - mcore_offset, pg_collection=self.pg_collection)
+        assert layer.layer_number == global_number, (layer.layer_number, global_number)
+        return layer
 
     def set_input_tensor(self, input_tensor: Tensor) -> None:
         """Pipeline schedules hand a previous stage's output in here instead of via forward()."""
