@@ -107,6 +107,61 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give an unstepped torch optimizer its per-parameter state before a load.
+
+    Without apex/TE, mcore wraps torch's AdamW, whose state (and `step`) only exists after a
+    first step; mcore's checkpoint mapping reads it while building the load plan. A step with
+    zero gradients and lr 0 creates it without changing any parameter; the load overwrites it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+
+
+def _unshare_step_tensors(optimizer) -> None:
+    """mcore hands one `step` tensor to every parameter's torch-AdamW state on load; AdamW
+    then increments the shared tensor once per parameter per step, which breaks bias
+    correction. Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _patch_torch_adam_state_load() -> None:
+    """mcore 0.16 copies every inner-state key of a parameter from the loaded checkpoint,
+    including torch AdamW's `step`, which its reshardable format does not store (it keeps
+    `step` in the param groups and restores it separately). Copy only the stored keys."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE or getattr(dopt.DistributedOptimizer, "_nemotron_patched", False):
+        return
+    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            dst[key].copy_(value)
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    dopt.DistributedOptimizer._nemotron_patched = True
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, pgs, is_logging_rank: bool):
         self.cfg = cfg
@@ -114,6 +169,7 @@ class Checkpointer:
         self.is_logging_rank = is_logging_rank
         self.root = Path(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
         self._queue = None
+        _patch_torch_adam_state_load()
 
     # ------------------------------------------------------------------ state dicts
 
@@ -238,6 +294,7 @@ class Checkpointer:
         check_architecture(meta["config"]["model"], self.cfg.model, path)
         saved_par = meta["config"]["parallel"]
         same_layout = saved_par["tp"] == self.cfg.parallel.tp and saved_par["pp"] == self.cfg.parallel.pp
+        _materialize_optimizer_state(optimizer)
         sd = self._sharded_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
         if not same_layout or meta["config"]["launch"] != dataclasses.asdict(self.cfg.launch):
             sd.pop("rng_state")  # another layout has other ranks; the seed-derived state stands
@@ -245,6 +302,7 @@ class Checkpointer:
         target = model.module if hasattr(model, "module") else model
         target.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_step_tensors(optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:
             _set_rng_state(loaded["rng_state"])
