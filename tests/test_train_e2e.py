@@ -96,7 +96,8 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path, single_rank):
 @pytest.mark.slow
 def test_metrics_and_outputs(tmp_path, single_rank):
     out = tmp_path / "one_rank_outputs"
-    train(out, "parallel.tp=1", "parallel.sp=false", "launch.nproc_per_node=1", "train.eval_interval=2")
+    train(out, "parallel.tp=1", "parallel.sp=false", "launch.nproc_per_node=1", "train.eval_interval=2",
+          "logging.tensorboard=true", "logging.wandb.enabled=true", "logging.wandb.mode=offline")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "tflops_per_gpu", "mfu"):
@@ -105,6 +106,20 @@ def test_metrics_and_outputs(tmp_path, single_rank):
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 4]
     assert (out / "config.yaml").exists() and (out / "summary.json").exists() and (out / "COMPLETED").exists()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_batch_size_ramp(tmp_path):
+    out = tmp_path / "ramp"
+    # Start at 4 sequences, step up by 4 once 8 samples are consumed: 4, 4, 8, 8.
+    train(out, "parallel.tp=1", "parallel.sp=false", "launch.nproc_per_node=1", "scheduler.rampup_batch_size=[4,4,8]")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["consumed_samples"] == 4 + 4 + 8 + 8
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["tokens_per_sec"] * r["step_time_s"] for r in records if "loss" in r]
+    assert [round(t) for t in tokens] == [4 * 64, 4 * 64, 8 * 64, 8 * 64]
 
 
 def test_more_ranks_than_the_layout_can_use(tmp_path):
