@@ -163,6 +163,34 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(hf_dir, imported, tmp_p
 
 
 @pytest.mark.slow  # an import and an export of its own
+@pytest.mark.slow
+def test_pretraining_continues_from_an_import(tmp_path):
+    """train starts from the imported weights (TP2, as the import's config says) and later
+    restarts resume from the run's own checkpoints, not from the import again."""
+    hf_dir, imported, run = tmp_path / "hf", tmp_path / "imported", tmp_path / "run"
+    make_hf_model(hf_dir, vocab_size=300)  # room for the byte tokenizer of the mock data
+    cli("import-hf", "--hf", hf_dir, "--output", imported, "parallel.tp=2", "train.seq_length=32")
+    common = [f"run.output_dir={run}", "data.source=mock", "train.global_batch_size=4", "train.micro_batch_size=2",
+              "train.eval_interval=0", "logging.progress_bar=false", "optimizer.lr=0.0", "optimizer.min_lr=0.0",
+              "launch.nproc_per_node=2", f"launch.master_port={_free_port()}"]
+    first = cli("train", imported / "config.yaml", *common, "train.steps=1")
+    assert "initialised weights from" in first.stderr
+    # lr 0: the saved weights are the imported ones, so exporting gives back the HF tensors.
+    cli("export-hf", "--checkpoint", run / "checkpoints", "--output", tmp_path / "out")
+    ours, ref = load_safetensors_dir(tmp_path / "out"), load_safetensors_dir(hf_dir)
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    common[-1] = f"launch.master_port={_free_port()}"
+    second = cli("train", imported / "config.yaml", *common, "train.steps=2")
+    assert "resumed from" in second.stderr and "initialised weights from" not in second.stderr
+
+
+def _free_port():
+    from nemotron_train.platform import free_port
+
+    return free_port()
+
+
 def test_bf16_round_trip_is_bitwise(tmp_path):
     """bf16 weights import as a bf16 run (A_log and D are held in fp32 there) and come back
     unchanged."""

@@ -75,11 +75,18 @@ def read_tracker(ckpt_root: Path) -> Optional[int]:
     return int(text)
 
 
+def _arch_value(model: Dict[str, Any], key: str) -> Any:
+    # `|` stage boundaries are layout, not architecture: compare the layers themselves.
+    value = model.get(key)
+    return value.replace("|", "") if key == "pattern" and isinstance(value, str) else value
+
+
 def check_architecture(saved: Dict[str, Any], current: ModelConfig, where: Path) -> None:
+    now = dataclasses.asdict(current)
     mismatched = [
-        f"model.{k}: checkpoint {saved.get(k)!r} vs config {getattr(current, k)!r}"
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {now[k]!r}"
         for k in ARCH_FIELDS
-        if k in saved and saved[k] != getattr(current, k)
+        if k in saved and _arch_value(saved, k) != _arch_value(now, k)
     ]
     if mismatched:
         raise CheckpointError(
@@ -209,6 +216,7 @@ class Checkpointer:
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
         dist.barrier()
+        _materialize_optimizer_state(optimizer)  # a save before the first step needs it too
         sd = self._sharded_state_dict(model, optimizer, scheduler, state, is_loading=False)
         meta = {"step": state.step, "consumed_samples": state.consumed_samples, "config": dataclasses.asdict(self.cfg)}
         commit = partial(self._commit, staging, final, meta)
@@ -265,8 +273,11 @@ class Checkpointer:
     # ------------------------------------------------------------------ load
 
     def find_resume_dir(self) -> Optional[Path]:
-        root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else self.root
-        if self.cfg.checkpoint.load and not root.exists():
+        # A run's own checkpoints win over `checkpoint.load` (the starting point), so a
+        # restarted run continues instead of going back to where it started.
+        own = self.cfg.checkpoint.resume and (self.root / TRACKER).exists()
+        root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load and not own else self.root
+        if root != self.root and not root.exists():
             raise CheckpointError(f"checkpoint.load={root}: no such directory")
         incomplete = sorted(root.glob(f"iter_*{INCOMPLETE}")) if root.exists() else []
         if incomplete and self.is_logging_rank:
@@ -274,13 +285,30 @@ class Checkpointer:
             print(f"warning: ignoring incomplete checkpoint(s) in {root}: {names} (an interrupted save)", file=sys.stderr)
         step = read_tracker(root)
         if step is None:
-            if self.cfg.checkpoint.load:
+            if self.cfg.checkpoint.load and root != self.root:
                 raise CheckpointError(f"checkpoint.load={root}: no {TRACKER}; is this a checkpoint directory?")
             return None
         path = root / iter_dir_name(step)
         if not (path / META).exists():
             raise CheckpointError(f"{root / TRACKER} points to {path}, which is missing or incomplete; restore it or delete the tracker")
         return path
+
+    def _load_model_only(self, path: Path, model, optimizer):
+        """A starting point without optimizer state (e.g. `import-hf`): weights only, step 0."""
+        from nemotron_train.training.loop import TrainState
+
+        target = model.module if hasattr(model, "module") else model
+        model_sd = {k: v for k, v in target.sharded_state_dict().items() if not k.endswith("_extra_state")}
+        loaded = dist_checkpointing.load({"model": model_sd}, str(path))
+        result = target.load_state_dict(loaded["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{path}: weights do not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        # The optimizer's fp32 master copies were made from the random init: refresh them.
+        optimizer.reload_model_params()
+        if self.is_logging_rank:
+            print(f"initialised weights from {path} (model only; optimizer and schedule start fresh)", file=sys.stderr)
+        return TrainState()
 
     def load_latest(self, model, optimizer, scheduler):
         from nemotron_train.training.loop import TrainState
@@ -292,6 +320,8 @@ class Checkpointer:
             return None
         meta = json.loads((path / META).read_text())
         check_architecture(meta["config"]["model"], self.cfg.model, path)
+        if meta.get("model_only"):
+            return self._load_model_only(path, model, optimizer)
         saved_par = meta["config"]["parallel"]
         same_layout = saved_par["tp"] == self.cfg.parallel.tp and saved_par["pp"] == self.cfg.parallel.pp
         _materialize_optimizer_state(optimizer)
