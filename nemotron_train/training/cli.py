@@ -89,7 +89,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"starting {nproc} local ranks: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     shutil.rmtree(os.path.join(cfg.run.output_dir, "torchrun_logs"), ignore_errors=True)
     sys.stdout.flush()
-    # exec: SIGTERM/SIGUSR1 from a scheduler then reach torchrun, which forwards them to ranks.
+    # exec, so a stop signal reaches torchrun; it forwards the ones listed here to the ranks
+    # (whose handlers save a checkpoint and stop) and waits up to the timeout for them.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     os.execv(sys.executable, cmd)
     return 0  # not reached
 
@@ -104,5 +107,5 @@ def _run_rank(cfg: Config) -> int:
     if summary["stopped_early"]:
         return resumable_exit_code()
     if int(os.environ.get("RANK", "0")) == 0:
-        mark_completed(cfg.run.output_dir)
+        mark_completed(cfg.run.output_dir, cfg.train.steps)
     return 0
