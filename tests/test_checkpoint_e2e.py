@@ -89,3 +89,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "model.hidden_size: checkpoint 64 vs config 96" in proc.stderr
     assert "model.mamba_head_dim" in proc.stderr
+
+
+def test_async_save_commits_and_resumes_exactly(tmp_path, straight):
+    out = tmp_path / "async"
+    train(out, *ONE_RANK, *SIX, "train.steps=3", "checkpoint.async_save=true", "checkpoint.interval=2")
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    train(out, *ONE_RANK, *SIX, "train.steps=6", "checkpoint.async_save=true")
+    assert losses(out) == straight
