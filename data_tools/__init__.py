@@ -1,0 +1,1 @@
+"""Data tools: preprocessing to Megatron .bin/.idx, tokenizers, inspection, the bundled corpus."""

@@ -84,6 +84,8 @@ class TokenizerConfig:
     # byte | hf:FILE | tiktoken:FILE | sentencepiece:FILE | bundled (the BPE shipped with the corpus)
     type: str = "byte"
     path: Optional[str] = None
+    # Split pattern for tiktoken ranks files: v1 | v2 | cl100k | gpt2 | a regex (default v2).
+    tiktoken_pattern: Optional[str] = None
 
 
 @dataclass
