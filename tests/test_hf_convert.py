@@ -165,14 +165,14 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(hf_dir, imported, tmp_p
 @pytest.mark.slow  # an import and an export of its own
 @pytest.mark.slow
 def test_pretraining_continues_from_an_import(tmp_path):
-    """train starts from the imported weights (TP2, as the import's config says) and later
+    """train starts from the imported weights (with the import's run config) and later
     restarts resume from the run's own checkpoints, not from the import again."""
     hf_dir, imported, run = tmp_path / "hf", tmp_path / "imported", tmp_path / "run"
     make_hf_model(hf_dir, vocab_size=300)  # room for the byte tokenizer of the mock data
-    cli("import-hf", "--hf", hf_dir, "--output", imported, "parallel.tp=2", "train.seq_length=32")
+    cli("import-hf", "--hf", hf_dir, "--output", imported, "parallel.tp=1", "parallel.sp=false", "train.seq_length=32")
     common = [f"run.output_dir={run}", "data.source=mock", "train.global_batch_size=4", "train.micro_batch_size=2",
               "train.eval_interval=0", "logging.progress_bar=false", "optimizer.lr=0.0", "optimizer.min_lr=0.0",
-              "launch.nproc_per_node=2", f"launch.master_port={_free_port()}"]
+              "launch.nproc_per_node=1", f"launch.master_port={_free_port()}"]
     first = cli("train", imported / "config.yaml", *common, "train.steps=1")
     assert "initialised weights from" in first.stderr
     # lr 0: the saved weights are the imported ones, so exporting gives back the HF tensors.

@@ -25,7 +25,7 @@ from launch.sbatch_script import SbatchOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-STEPS = 60  # configs/smoke.yaml train.steps
+STEPS = 30  # a shortened smoke run (train.steps override below)
 
 pytestmark = [
     pytest.mark.slurm,
@@ -38,7 +38,8 @@ pytestmark = [
 def render(tmp_path: Path, mode: str, overrides: List[str], **opts) -> RenderedJob:
     options = SbatchOptions(nodes=1, gpus_per_node=0, nproc_per_node=2, time="00:30:00", mode=mode,
                             python=sys.executable, workdir=str(ROOT), **opts)
-    return render_job(SMOKE, [f"run.output_dir={tmp_path / 'run'}", "train.log_interval=1", *overrides], options)
+    return render_job(SMOKE, [f"run.output_dir={tmp_path / 'run'}", "train.log_interval=1", f"train.steps={STEPS}",
+                              "train.eval_interval=0", *overrides], options)
 
 
 def train_steps(run_dir: Path) -> List[int]:
@@ -61,7 +62,7 @@ def test_smoke_trains_to_completion(slurm_cluster, tmp_path):
 
 
 def test_smoke_chain_stops_on_time_and_resumes(slurm_cluster, tmp_path):
-    job = render(tmp_path, "per-gpu", ["train.exit_duration_minutes=0.25"], chain=6)
+    job = render(tmp_path, "per-gpu", ["train.exit_duration_minutes=0.1"], chain=6)
     ids = [slurm_cluster.sbatch(str(job.script), cwd=ROOT) for _ in range(6)]
     infos = [slurm_cluster.wait(job_id, timeout=900) for job_id in ids]
     codes = [i.exit_code for i in infos]
