@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import socket
 import statistics
 import sys
@@ -24,6 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.doc_section import replace_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -224,18 +226,6 @@ def render(a, r) -> str:
     return "\n".join(lines)
 
 
-def update_doc(section: str) -> None:
-    """Replace only our section (up to the next `## ` heading), or append it."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -244,7 +234,7 @@ def main(argv=None) -> int:
     section = render(a, r)
     print(section)
     if not a.no_write:
-        update_doc(section)
+        replace_section(section, DOC)
         print(f"updated {DOC.relative_to(REPO)}")
     return 0
 

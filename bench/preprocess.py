@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.doc_section import replace_section  # noqa: E402
 from data_tools.preprocess import preprocess  # noqa: E402
 from data_tools.tokenizers import load_tokenizer, token_dtype_for  # noqa: E402
 from data_tools.train_bpe import train_bpe  # noqa: E402
@@ -280,20 +281,6 @@ def _verdict(rows: List[Dict[str, object]]) -> str:
     return text
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the `## Preprocessing` section, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, default=16.0, help="corpus size in MB")
@@ -308,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     section = render_section(rows, args, "Zipf vocabulary of 40k words", (load_before, os.getloadavg()[0]))
     print(section)
     if not args.no_write:
-        write_section(Path(args.output), section)
+        replace_section(section, Path(args.output))
     return 0
 
 
