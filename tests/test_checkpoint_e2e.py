@@ -25,10 +25,15 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "straight"
     train(out, *ONE_RANK, *SIX, "train.steps=6")
-    return losses(out)
+    return out, losses(out)
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[1]
 
 
 def _two_legs(out: Path, first, second):
@@ -81,10 +86,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, straight):
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    out = tmp_path / "other"
-    train(out, *ONE_RANK, *SIX, "train.steps=2")
-    proc = train(out, *ONE_RANK, *SIX, "train.steps=4", "model.hidden_size=96", "model.mamba_head_dim=24",
+def test_checkpoint_of_another_model_is_refused(tmp_path, straight_run):
+    out, _ = straight_run
+    proc = train(out, *ONE_RANK, *SIX, "train.steps=8", "model.hidden_size=96", "model.mamba_head_dim=6",
                  expect_ok=False)
     assert proc.returncode != 0
     assert "model.hidden_size: checkpoint 64 vs config 96" in proc.stderr
