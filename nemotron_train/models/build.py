@@ -19,6 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
+    """mcore's config for our model; FP8 fields are set only for the TE backend."""
     m, p = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.precision.params_dtype]
     on_cpu = device_type == "cpu"
@@ -60,14 +61,14 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deterministic_mode=cfg.train.deterministic,
-        **_te_fp8_kwargs(cfg),
+        **_te_fp8_kwargs(cfg, device_type),
     )
 
 
-def _te_fp8_kwargs(cfg: Config) -> dict:
+def _te_fp8_kwargs(cfg: Config, device_type: str) -> dict:
     """FP8 through TE is configured on TransformerConfig; the emulated backend ignores it."""
     fp8 = cfg.precision.fp8
-    if not fp8.enabled or _fp8_backend(cfg) != "te":
+    if not fp8.enabled or fp8_backend(cfg, device_type) != "te":
         return {}
     n = fp8.first_last_layers_bf16
     return dict(
@@ -83,10 +84,12 @@ def _te_fp8_kwargs(cfg: Config) -> dict:
     )
 
 
-def _fp8_backend(cfg: Config) -> str:
+def fp8_backend(cfg: Config, device_type: str):
+    """`te` or `emulated` when FP8 is on, else None."""
+    if not cfg.precision.fp8.enabled:
+        return None
     from nemotron_train.fp8 import resolve_backend
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return resolve_backend(cfg, device_type)
 
 
@@ -104,7 +107,7 @@ def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type:
     """Build this rank's pipeline stage of the model on `device_type`."""
     spec_name = resolve_spec(cfg.model.spec, device_type)
     config = transformer_config(cfg, device_type)
-    backend = _fp8_backend(cfg) if cfg.precision.fp8.enabled else None
+    backend = fp8_backend(cfg, device_type)
     layer_context = _layer_context(cfg, backend)
     if spec_name == "te":
         stack_spec = te_stack_spec(layer_context)

@@ -26,8 +26,8 @@ from megatron.core.num_microbatches_calculator import (
 from nemotron_train.config import Config, save_config
 from nemotron_train.config.validate import validate_config
 from nemotron_train.distributed import init_process_groups
-from nemotron_train.fp8 import fp8_end_of_step, resolve_backend
-from nemotron_train.models.build import build_model
+from nemotron_train.fp8 import fp8_end_of_step
+from nemotron_train.models.build import build_model, fp8_backend
 from nemotron_train.platform import setup_platform
 from nemotron_train.training.metrics import MetricsLogger
 from nemotron_train.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -71,7 +71,7 @@ class Trainer:
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         # --- model from spec, DDP, optimizer, schedule
         model = build_model(cfg, self.pgs, self.platform.device_type)
-        self.fp8_backend = resolve_backend(cfg, self.platform.device_type) if cfg.precision.fp8.enabled else None
+        self.fp8_backend = fp8_backend(cfg, self.platform.device_type)
         self.tcfg = model.config
         # Per-token loss over the global batch: grads are divided by the global token count.
         self.tcfg.calculate_per_token_loss = True
