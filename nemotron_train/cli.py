@@ -41,8 +41,11 @@ def _quiet_known_warnings() -> None:
         "Transformer Engine and Apex are not installed",
         "full scope is deprecated",
         "Apex is not installed",
+        # mcore's DDP reads `.grad` of views and uses the older reduce-scatter name; both benign.
+        "is not a leaf Tensor is being accessed",
+        "`torch.distributed.[a-z_]+` is deprecated",
     ):
-        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

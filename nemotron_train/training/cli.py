@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import sys
 from typing import List
@@ -82,17 +81,16 @@ def main(args: argparse.Namespace) -> int:
         f"--nproc-per-node={nproc}",
         f"--master-addr={cfg.launch.master_addr}",
         f"--master-port={cfg.launch.master_port}",
-        "--log-dir", os.path.join(cfg.run.output_dir, "torchrun_logs"),
-        "--tee", "3",
         "-m", "nemotron_train", "train", args.config, *overrides,
     ]
     print(f"starting {nproc} local ranks: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    shutil.rmtree(os.path.join(cfg.run.output_dir, "torchrun_logs"), ignore_errors=True)
     sys.stdout.flush()
     # exec, so a stop signal reaches torchrun; it forwards the ones listed here to the ranks
     # (whose handlers save a checkpoint and stop) and waits up to the timeout for them.
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    # Megatron's TP/SP communication overlap relies on one hardware queue per GPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     os.execv(sys.executable, cmd)
     return 0  # not reached
 
