@@ -242,11 +242,9 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], m: ModelConfig) -> 
     missing = [k for k in expected if k not in ours]
     unknown = sorted(k for k in ours if k not in expected)
     if missing or unknown:
-        raise HFConversionError(
-            "model state dict does not match model config"
-            + (f"; missing: {', '.join(missing[:8])}" if missing else "")
-            + (f"; unexpected: {', '.join(unknown[:8])}" if unknown else "")
-            + " (is the pattern/num_layers in the checkpoint config the one the weights were saved with?)"
+        raise _mismatch(
+            "model state dict does not match model config", missing, unknown,
+            "is the pattern/num_layers in the checkpoint config the one the weights were saved with?",
         )
     hf: Dict[str, torch.Tensor] = {}
     for key, shape in expected.items():
@@ -259,6 +257,16 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], m: ModelConfig) -> 
         else:
             hf[_to_hf_name(key)] = tensor
     return hf
+
+
+def _mismatch(what: str, missing, unknown, hint: str) -> "HFConversionError":
+    """One error listing (the first few) missing and unexpected weight names."""
+    return HFConversionError(
+        what
+        + (f"; missing: {', '.join(missing[:8])}" if missing else "")
+        + (f"; unexpected: {', '.join(unknown[:8])}" if unknown else "")
+        + f" ({hint})"
+    )
 
 
 # HF keys a NemotronH checkpoint may carry that our model has no counterpart for.
@@ -279,11 +287,9 @@ def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], m: ModelConfig
         and not (k == "lm_head.weight" and not m.untie_embeddings_and_output_weights)
     )
     if missing or unknown:
-        raise HFConversionError(
-            "HF weights do not match config.json"
-            + (f"; missing: {', '.join(missing[:8])}" if missing else "")
-            + (f"; unexpected: {', '.join(unknown[:8])}" if unknown else "")
-            + " (MoE layers and biases are not supported; check that config.json belongs to these weights)"
+        raise _mismatch(
+            "HF weights do not match config.json", missing, unknown,
+            "MoE layers and biases are not supported; check that config.json belongs to these weights",
         )
     for key, shape in expected_hf.items():
         _check_shape(key, hf_state_dict[key], shape, "HF weights")

@@ -114,15 +114,22 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _torch_optimizers(optimizer):
+    """The torch optimizers inside an mcore (possibly chained) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            yield inner
+
+
 def _materialize_optimizer_state(optimizer) -> None:
     """Give an unstepped torch optimizer its per-parameter state before a load.
 
     Without apex/TE, mcore wraps torch's AdamW, whose state (and `step`) only exists after a
     first step; mcore's checkpoint mapping reads it while building the load plan. A step with
     zero gradients and lr 0 creates it without changing any parameter; the load overwrites it."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0:
+    for inner in _torch_optimizers(optimizer):
+        if len(inner.state) > 0:
             continue
         lrs = [group["lr"] for group in inner.param_groups]
         for group in inner.param_groups:
@@ -139,9 +146,8 @@ def _unshare_step_tensors(optimizer) -> None:
     """mcore hands one `step` tensor to every parameter's torch-AdamW state on load; AdamW
     then increments the shared tensor once per parameter per step, which breaks bias
     correction. Give each parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in getattr(inner, "state", {}).values():
+    for inner in _torch_optimizers(optimizer):
+        for state in inner.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
 

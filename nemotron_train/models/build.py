@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable
-
 import torch
 from megatron.core.activations import squared_relu
 from megatron.core.models.mamba.mamba_model import MambaModel
@@ -12,6 +9,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
 from nemotron_train.config.schema import Config
+from nemotron_train.fp8 import layer_fp8_context
 from nemotron_train.models.pattern import layer_types
 from nemotron_train.models.specs import local_stack_spec, resolve_spec, te_stack_spec
 
@@ -93,22 +91,13 @@ def fp8_backend(cfg: Config, device_type: str):
     return resolve_backend(cfg, device_type)
 
 
-def _layer_context(cfg: Config, backend: str) -> Callable[[int], object]:
-    """Per-layer FP8 context, by global layer index (first/last N hybrid layers stay BF16)."""
-    fp8 = cfg.precision.fp8
-    if not fp8.enabled:
-        return lambda index: nullcontext()
-    from nemotron_train.fp8 import layer_fp8_context
-
-    return layer_fp8_context(cfg, backend)
-
-
 def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type: str) -> MambaModel:
     """Build this rank's pipeline stage of the model on `device_type`."""
     spec_name = resolve_spec(cfg.model.spec, device_type)
     config = transformer_config(cfg, device_type)
     backend = fp8_backend(cfg, device_type)
-    layer_context = _layer_context(cfg, backend)
+    # Per-layer FP8 context by global layer index (null contexts when FP8 is off).
+    layer_context = layer_fp8_context(cfg, backend)
     if spec_name == "te":
         stack_spec = te_stack_spec(layer_context)
     else:
