@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -48,8 +49,15 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
 
 
+def _report_user_error(command: str, exc: Exception) -> None:
+    """One message, printed once: by rank 0 when ranks are running (every rank raises the same
+    error from the same config), else by the only process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"nemotron-train {command}: error: {exc}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from nemotron_train.config.loader import ConfigError
+    from nemotron_train.errors import USER_ERROR_EXIT_CODE, UserError
 
     _quiet_known_warnings()
 
@@ -57,12 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USER_ERROR_EXIT_CODE
     try:
         rc = args.func(args)
-    except ConfigError as exc:
-        print(f"nemotron-train {args.command}: error: {exc}", file=sys.stderr)
-        rc = 2
+    except UserError as exc:
+        _report_user_error(args.command, exc)
+        rc = USER_ERROR_EXIT_CODE
     if argv is None:
         sys.exit(rc or 0)
     return rc or 0

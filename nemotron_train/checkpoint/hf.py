@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from nemotron_train.config.schema import ModelConfig
+from nemotron_train.errors import HFConversionError
 from nemotron_train.models.pattern import ATTENTION, MAMBA, MLP, layer_types
 
 HF_MODEL_TYPE = "nemotron_h"
@@ -61,10 +62,6 @@ _TE_NORM_NAMES = {
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-class HFConversionError(ValueError):
-    """Weights or a config.json that cannot be converted; the message names the key and the fix."""
 
 
 # --------------------------------------------------------------------------- QKV packing

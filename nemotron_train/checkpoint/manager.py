@@ -34,6 +34,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemotron_train.config.schema import Config, ModelConfig
+from nemotron_train.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "nemotron_train.json"
@@ -41,10 +42,6 @@ INCOMPLETE = ".incomplete"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that must match for a checkpoint to load (the rest may change on resume).
 ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "spec", "init_method_std")]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the directory and the fix."""
 
 
 def iter_dir_name(step: int) -> str:

@@ -12,13 +12,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nemotron_train.checkpoint.hf import HFConversionError
+from nemotron_train.errors import ScoreError
 
 SPLITS = ("train", "valid", "test")
-
-
-class ScoreError(HFConversionError):
-    """Bad scoring input (token ids, text, data split); the message names the flag and the fix."""
 
 
 def parse_token_ids(text: str, vocab_size: int) -> List[int]:

@@ -20,10 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from nemotron_train.config.schema import Config
+from nemotron_train.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A user error in a config file or override. The message names the key and the fix."""
 
 
 _ENV_RE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")

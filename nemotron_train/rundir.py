@@ -1,0 +1,71 @@
+"""The run directory: the one place that names every file a run writes or reads.
+
+    <run.output_dir>/
+        config.yaml            the resolved config (written by rank 0 at the start)
+        metrics.jsonl          one JSON line per logged step / validation
+        summary.json           written when training ends (also on an early stop)
+        COMPLETED              written after the final checkpoint of a finished run
+        checkpoints/           default `checkpoint.dir` (layout: nemotron_train/checkpoint/layout.py)
+        data_cache/            default `data.cache_dir` (blend sample indices, tokenised corpus)
+        tensorboard/           TensorBoard events (logging.tensorboard)
+        sbatch/                rendered sbatch scripts and their config snapshots
+        logs/                  SLURM job output (`#SBATCH --output`)
+
+Writers and readers both call these functions, so a file name is spelled once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+COMPLETED_MARKER = "COMPLETED"
+CHECKPOINTS_DIR = "checkpoints"
+DATA_CACHE_DIR = "data_cache"
+TENSORBOARD_DIR = "tensorboard"
+SBATCH_DIR = "sbatch"
+LOGS_DIR = "logs"
+
+
+def config_file(run_dir: PathLike) -> Path:
+    return Path(run_dir) / CONFIG_FILE
+
+
+def metrics_file(run_dir: PathLike) -> Path:
+    return Path(run_dir) / METRICS_FILE
+
+
+def summary_file(run_dir: PathLike) -> Path:
+    return Path(run_dir) / SUMMARY_FILE
+
+
+def completed_marker(run_dir: PathLike) -> Path:
+    return Path(run_dir) / COMPLETED_MARKER
+
+
+def checkpoint_dir(run_dir: PathLike, configured: Optional[str] = None) -> Path:
+    """`checkpoint.dir` when set, else `<run_dir>/checkpoints`."""
+    return Path(configured) if configured else Path(run_dir) / CHECKPOINTS_DIR
+
+
+def data_cache_dir(run_dir: PathLike, configured: Optional[str] = None) -> str:
+    """`data.cache_dir` when set, else `<run_dir>/data_cache`; absolute, as the cache manifest stores it."""
+    return os.path.abspath(configured or os.path.join(os.fspath(run_dir), DATA_CACHE_DIR))
+
+
+def tensorboard_dir(run_dir: PathLike) -> Path:
+    return Path(run_dir) / TENSORBOARD_DIR
+
+
+def sbatch_dir(run_dir: PathLike) -> Path:
+    return Path(run_dir) / SBATCH_DIR
+
+
+def logs_dir(run_dir: PathLike) -> Path:
+    return Path(run_dir) / LOGS_DIR
