@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.doc_section import replace_section  # noqa: E402
 from data_tools.preprocess import preprocess  # noqa: E402
-from data_tools.tokenizers import load_tokenizer, token_dtype_for  # noqa: E402
 from data_tools.train_bpe import train_bpe  # noqa: E402
+from nemotron_train.data.tokenizers import load_tokenizer, token_dtype_for  # noqa: E402
 
 SECTION = "## Preprocessing"
 

@@ -1,1 +1,2 @@
-"""Data tools: preprocessing to Megatron .bin/.idx, tokenizers, inspection, the bundled corpus."""
+"""Data tools: preprocessing to Megatron .bin/.idx, inspection, cache preparation, BPE training
+and regenerating the bundled corpus. The library they use lives in `nemotron_train.data`."""

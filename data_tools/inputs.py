@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from data_tools.errors import BadInputError, DataError
+from nemotron_train.errors import BadInputError, DataError
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 _GLOB_CHARS = set("*?[")

@@ -17,10 +17,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from data_tools.errors import DataError
-from data_tools.indexed import IndexedReader, check_indexed_dataset, read_trusted_stats
-from data_tools.tokenizers import SPEC_HELP, load_tokenizer
-from nemotron_train.config.loader import ConfigError
+from nemotron_train.data.indexed import IndexedReader, check_indexed_dataset, read_trusted_stats
+from nemotron_train.data.tokenizers import SPEC_HELP, load_tokenizer
+from nemotron_train.errors import DataError, UserError
 
 
 def length_histogram(lengths: np.ndarray, bins: int = 10, width: int = 40) -> List[str]:
@@ -68,18 +67,18 @@ def describe(prefix: str, tokenizer_spec: Optional[str], doc: int, max_chars: in
 
 def blend_shares(config: str, overrides: List[str], samples: int) -> None:
     from nemotron_train.config import load_config
-    from nemotron_train.data.datasets import build_datasets, realised_shares, resolve_plan
-    from nemotron_train.data.tokenizer import build_tokenizer
+    from nemotron_train.data.datasets import build_datasets, realised_shares, resolve_sources
+    from nemotron_train.data.tokenizers import build_tokenizer
 
     cfg = load_config(config, overrides)
     tokenizer = build_tokenizer(cfg)
-    plan = resolve_plan(cfg, tokenizer)
+    sources = resolve_sources(cfg, tokenizer)
     train, _, _ = build_datasets(cfg, tokenizer)
     if samples > len(train):
         print(f"note: the training set has {len(train):,} samples; counting all of them")
         samples = len(train)
     members, counts = realised_shares(train, samples)
-    blend = plan.blend or (plan.blend_per_split or [None])[0]
+    blend = sources.blend or (sources.blend_per_split or [None])[0]
     prefixes, weights = blend if blend else (members, None)
     weights = weights or [1.0] * len(prefixes)
     total_w = sum(weights)
@@ -117,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args)
-    except ConfigError as exc:  # DataError and config-file errors alike
+    except UserError as exc:  # data and config-file errors alike
         print(f"inspect: error: {exc}", file=sys.stderr)
         return 2
 

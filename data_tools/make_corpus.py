@@ -1,8 +1,8 @@
-"""Regenerate the bundled corpus (`corpus/corpus.txt.gz`) and its BPE (`corpus/tokenizer.json`).
+"""Regenerate the bundled corpus (`nemotron_train/data/corpus/corpus.txt.gz`) and its BPE (`tokenizer.json`).
 
     python -m data_tools.make_corpus [--stories 16000] [--seed 0]
 
-The corpus is synthetic English written by this generator (CC0, see corpus/README.md):
+The corpus is synthetic English written by this generator (CC0, see nemotron_train/data/corpus/README.md):
 short stories with recurring characters, places and objects, told with a small grammar,
 plus counting, calendar and arithmetic passages. It has the structure a tiny model can
 learn within a minute (a few hundred frequent words, agreement between names and
@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import random
+import sys
 from pathlib import Path
 from typing import List
 
-CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
-CORPUS_FILE = CORPUS_DIR / "corpus.txt.gz"
-TOKENIZER_FILE = CORPUS_DIR / "tokenizer.json"
+from nemotron_train.data.bundled import CORPUS_DIR, CORPUS_FILE, TOKENIZER_FILE, read_corpus
+from nemotron_train.errors import UserError
+
+__all__ = ["CORPUS_DIR", "CORPUS_FILE", "TOKENIZER_FILE", "generate", "main", "read_corpus", "write_corpus"]
 
 GIRLS = ["Anna", "Clara", "Emma", "Grace", "Ivy", "Lily", "Nora", "Rosa", "Tara", "Vera", "Mia", "Zoe", "Lucy", "Ella"]
 BOYS = ["Ben", "David", "Finn", "Henry", "Jack", "Max", "Oscar", "Paul", "Sam", "Leo", "Tom", "Noah", "Omar", "Hugo"]
@@ -192,12 +194,6 @@ def generate(stories: int, seed: int) -> List[str]:
     return docs
 
 
-def read_corpus(path: Path = CORPUS_FILE) -> List[str]:
-    """The bundled corpus as documents (blank-line separated in the file)."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [d.strip() for d in f.read().split("\n\n") if d.strip()]
-
-
 def write_corpus(docs: List[str], path: Path = CORPUS_FILE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # mtime=0: the same documents always give the same bytes.
@@ -214,8 +210,12 @@ def main(argv: List[str] | None = None) -> int:
     from data_tools.train_bpe import train_bpe
 
     docs = generate(args.stories, args.seed)
-    write_corpus(docs)
-    train_bpe(docs, TOKENIZER_FILE, vocab_size=args.vocab_size)
+    try:
+        write_corpus(docs)
+        train_bpe(docs, TOKENIZER_FILE, vocab_size=args.vocab_size)
+    except UserError as exc:
+        print(f"make_corpus: error: {exc}", file=sys.stderr)
+        return 2
     size = sum(len(d) for d in docs)
     print(f"{CORPUS_FILE}: {len(docs)} documents, {size / 1e6:.2f} MB of text; {TOKENIZER_FILE}: vocab {args.vocab_size}")
     return 0

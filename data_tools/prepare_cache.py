@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from nemotron_train.config.loader import ConfigError
+from nemotron_train.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,21 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nemotron_train.config import load_config
-    from nemotron_train.data.datasets import build_datasets, prepare_data, resolve_plan, split_sizes
-    from nemotron_train.data.tokenizer import build_tokenizer
+    from nemotron_train.data.datasets import build_datasets, prepare_data, resolve_sources, split_sizes
+    from nemotron_train.data.tokenizers import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = build_tokenizer(cfg)
-    plan = resolve_plan(cfg, tokenizer)
+    sources = resolve_sources(cfg, tokenizer)
     if cfg.data.source == "mock":
         print("data.source is mock: nothing to cache")
         return 0
     if args.check:
-        prepare_data(cfg, tokenizer, plan, rebuild=False)
-        print(f"{plan.cache_dir}: up to date for {len(plan.prefixes)} dataset(s)")
+        prepare_data(cfg, tokenizer, sources, rebuild=False)
+        print(f"{sources.cache_dir}: up to date for {len(sources.prefixes)} dataset(s)")
         return 0
     datasets = build_datasets(cfg, tokenizer)
-    print(f"cache {plan.cache_dir}")
+    print(f"cache {sources.cache_dir}")
     for name, wanted, ds in zip(("train", "valid", "test"), split_sizes(cfg), datasets):
         built = f"{len(ds):,} samples built" if ds is not None else "none"
         print(f"  {name:<5} {wanted:>12,} samples wanted, {built}")
@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args)
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"prepare-cache: error: {exc}", file=sys.stderr)
         return 2
 

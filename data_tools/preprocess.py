@@ -9,7 +9,7 @@ writes `out/web_text_document.{bin,idx}` (one pair per `--json-keys` key) and a
 
 Why it is fast: the main process only reads raw blocks of lines and writes token bytes;
 workers parse a whole block, tokenize it in one batch (byte-level BPE through a memo of
-word-sized pieces, see `data_tools.tokenizers.PieceMemo`) and return one flat token
+word-sized pieces, see `nemotron_train.data.tokenizers.PieceMemo`) and return one flat token
 array per block instead of one Python list per document.
 """
 
@@ -25,10 +25,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from data_tools.errors import DataError
-from data_tools.indexed import IndexedWriter, IndexStats
 from data_tools.inputs import DEFAULT_BLOCK_BYTES, WorkUnit, expand_inputs, iter_units, parse_unit, total_input_bytes
-from data_tools.tokenizers import SPEC_HELP, Tokenizer, load_tokenizer, token_dtype_for
+from nemotron_train.data.indexed import IndexedWriter, IndexStats
+from nemotron_train.data.tokenizers import SPEC_HELP, Tokenizer, load_tokenizer, token_dtype_for
+from nemotron_train.errors import DataError, UserError
 
 _MAX_BAD_EXAMPLES = 5
 
@@ -249,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except DataError as exc:
+    except UserError as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr)
         return 2
 

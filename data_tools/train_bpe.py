@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
-from data_tools.errors import DataError
+from nemotron_train.errors import DataError, UserError
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -75,8 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         texts = (t for path in args.input for t in _read_texts(path, args.json_key))
         out = train_bpe(texts, args.output, args.vocab_size)
-    except DataError as exc:
-        print(f"train_bpe: error: {exc}")
+    except UserError as exc:
+        print(f"train_bpe: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_tools.errors import DataError
 from nemotron_train.data import build_datasets, build_tokenizer, check_data_config, split_sizes
 from nemotron_train.data.datasets import realised_shares
+from nemotron_train.errors import DataError, UserError
 from test_data_helpers import blend_override, data_config, make_dataset, sample_texts
 
 
@@ -99,12 +99,13 @@ def test_config_errors(tmp_path, three, overrides, message):
             resolved.append(blend_override([(three[2], 1)], "train_blend"))
         else:
             resolved.append(o)
-    cfg = data_config(tmp_path, resolved)
     if message is None:
-        check_data_config(cfg)
+        check_data_config(data_config(tmp_path, resolved))
         return
-    with pytest.raises(DataError, match=message):
-        check_data_config(cfg)
+    # A value outside the schema's choices (data.source=web) is refused when the config loads
+    # (ConfigError); the others when the data is checked (DataError): both are UserErrors.
+    with pytest.raises(UserError, match=message):
+        check_data_config(data_config(tmp_path, resolved))
 
 
 def test_dataset_file_errors_name_the_file(tmp_path, three):
@@ -116,7 +117,7 @@ def test_dataset_file_errors_name_the_file(tmp_path, three):
 
 
 def test_token_ids_beyond_model_vocab(tmp_path):
-    from data_tools.indexed import IndexedWriter
+    from nemotron_train.data.indexed import IndexedWriter
 
     writer = IndexedWriter(str(tmp_path / "big_text_document"), np.uint16)
     writer.add(np.array([1, 2, 300, 4], dtype=np.uint16), np.array([2, 2]))

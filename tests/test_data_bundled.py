@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.make_corpus import CORPUS_DIR, CORPUS_FILE, TOKENIZER_FILE, generate, read_corpus
-from data_tools.tokenizers import load_tokenizer
+from data_tools.make_corpus import generate
 from nemotron_train.data import build_datasets, build_tokenizer, make_train_iterator
+from nemotron_train.data.bundled import CORPUS_DIR, CORPUS_FILE, TOKENIZER_FILE, read_corpus
+from nemotron_train.data.tokenizers import load_tokenizer
 from test_data_helpers import blend_override, data_config, make_dataset, sample_texts
 
 
@@ -97,7 +98,7 @@ def test_inspect_prefix_and_blend(tmp_path, capsys):
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str, prefixes: list) -> None:
     import torch.distributed as dist
 
-    from data_tools.errors import DataError
+    from nemotron_train.errors import DataError
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

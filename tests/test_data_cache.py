@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from data_tools.errors import StaleCacheError
 from nemotron_train.data import build_datasets
 from nemotron_train.data.cache import MANIFEST, load_manifest
+from nemotron_train.errors import StaleCacheError
 from test_data_helpers import blend_override, data_config, make_dataset, sample_texts
 
 

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from data_tools.errors import DataError
-from data_tools.indexed import IndexedWriter, check_indexed_dataset, read_trusted_stats
+from nemotron_train.data.indexed import IndexedWriter, check_indexed_dataset, read_trusted_stats
+from nemotron_train.errors import DataError
 from test_data_helpers import make_dataset
 
 
@@ -136,7 +136,7 @@ def test_int32_tokens_for_large_vocab(tmp_path):
 
 
 def test_scan_result_is_remembered_for_files_without_sidecar(prefix, tmp_path, monkeypatch):
-    import data_tools.indexed as indexed
+    import nemotron_train.data.indexed as indexed
 
     os.remove(prefix + ".stats.json")  # like a dataset written by another tool
     ranges = str(tmp_path / "cache" / "token_ranges.json")

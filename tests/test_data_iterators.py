@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_tools.errors import DataError
 from nemotron_train.data import DataLoaderState, build_datasets, make_eval_iterator, make_train_iterator
 from nemotron_train.data.iterators import PretrainingSampler
+from nemotron_train.errors import DataError
 from test_data_helpers import blend_override, data_config, make_dataset, sample_texts
 
 

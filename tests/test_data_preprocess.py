@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from data_tools.errors import BadInputError, DataError
 from data_tools.preprocess import main as preprocess_main
 from data_tools.preprocess import preprocess
-from data_tools.tokenizers import load_tokenizer
+from nemotron_train.data.tokenizers import load_tokenizer
+from nemotron_train.errors import BadInputError, DataError
 from test_data_helpers import (make_hf_tokenizer, make_sentencepiece, make_tiktoken_ranks, sample_texts, write_jsonl,
                                write_parquet)
 
@@ -95,7 +95,7 @@ def test_mcore_builder_files_readable_by_our_reader(tmp_path):
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from data_tools.indexed import IndexedReader, check_indexed_dataset
+    from nemotron_train.data.indexed import IndexedReader, check_indexed_dataset
 
     prefix = str(tmp_path / "mcore")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(1000))

@@ -12,11 +12,11 @@ The trainer's interface (stable):
 launch; `check_indexed_dataset(prefix, vocab_size)` checks one `.bin/.idx` pair.
 """
 
-from data_tools.errors import BadInputError, DataError, StaleCacheError
-from data_tools.indexed import check_indexed_dataset
 from nemotron_train.data.datasets import build_datasets, cache_dir_for, check_data_config, split_sizes
+from nemotron_train.data.indexed import check_indexed_dataset
 from nemotron_train.data.iterators import DataLoaderState, make_eval_iterator, make_train_iterator
-from nemotron_train.data.tokenizer import build_tokenizer
+from nemotron_train.data.tokenizers import build_tokenizer
+from nemotron_train.errors import BadInputError, DataError, StaleCacheError
 
 __all__ = [
     "BadInputError",

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 
-from data_tools.errors import StaleCacheError
+from nemotron_train.errors import StaleCacheError
 
 MANIFEST = "nemotron_cache_manifest.json"
 _ENTRY_RE = re.compile(r"^([0-9a-f]{32})-([A-Za-z0-9_]+)-(train|valid|test)-(.+)$")

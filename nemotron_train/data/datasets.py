@@ -2,7 +2,7 @@
 `BlendedMegatronDatasetBuilder` and `GPTDataset` (or `MockGPTDataset`).
 
 Order of work, the same with or without torch.distributed:
-1. every rank resolves the plan (dataset prefixes, weights, split, sample counts);
+1. every rank resolves the data sources (dataset prefixes, weights, split, sample counts);
 2. rank 0 alone prepares the bundled corpus if used, validates every dataset
    (`check_indexed_dataset`, including token ids against `model.vocab_size`, and that
    each split gets documents) and refreshes the index cache (`cache.refresh_cache`);
@@ -21,19 +21,20 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data_tools.errors import DataError
-from data_tools.indexed import IndexedWriter, check_indexed_dataset, normalize_prefix, read_index, read_trusted_stats
-from data_tools.tokenizers import Tokenizer, token_dtype_for
-from nemotron_train.config.schema import BlendEntry, Config
+from nemotron_train.config.schema import BlendEntry, Config, DataSource, choices
+from nemotron_train.data.bundled import CORPUS_FILE, read_corpus
 from nemotron_train.data.cache import refresh_cache
-from nemotron_train.data.tokenizer import MegatronTokenizerAdapter, build_tokenizer
+from nemotron_train.data.indexed import IndexedWriter, check_indexed_dataset, normalize_prefix, read_index, read_trusted_stats
+from nemotron_train.data.tokenizers import MegatronTokenizerAdapter, Tokenizer, build_tokenizer, token_dtype_for
+from nemotron_train.errors import DataError, UserError
+from nemotron_train.rundir import data_cache_dir
 
-SOURCES = ("blend", "bundled", "mock")
+SOURCES = choices(DataSource)
 Blend = Tuple[List[str], Optional[List[float]]]
 
 
 @dataclass
-class DataPlan:
+class DataSources:
     blend: Optional[Blend]  # one distribution, cut by `split`
     blend_per_split: Optional[List[Optional[Blend]]]  # or one blend per split
     split: Optional[str]
@@ -43,7 +44,8 @@ class DataPlan:
 
 
 def cache_dir_for(cfg: Config) -> str:
-    return os.path.abspath(cfg.data.cache_dir or os.path.join(cfg.run.output_dir, "data_cache"))
+    """`data.cache_dir`, default `<run.output_dir>/data_cache` (nemotron_train.rundir)."""
+    return data_cache_dir(cfg.run.output_dir, cfg.data.cache_dir)
 
 
 def split_sizes(cfg: Config) -> List[int]:
@@ -94,8 +96,6 @@ def bundled_prefix(cfg: Config, tokenizer: Tokenizer) -> str:
     """Named by the tokenizer and the corpus file: a new version of either gets new files."""
     import hashlib
 
-    from data_tools.make_corpus import CORPUS_FILE
-
     h = hashlib.sha256(tokenizer.fingerprint().encode())
     if CORPUS_FILE.is_file():
         h.update(CORPUS_FILE.read_bytes())
@@ -104,8 +104,6 @@ def bundled_prefix(cfg: Config, tokenizer: Tokenizer) -> str:
 
 def prepare_bundled(cfg: Config, tokenizer: Tokenizer, log: Callable[[str], None] = print) -> str:
     """Tokenize the bundled corpus into the cache on first use; later calls reuse it."""
-    from data_tools.make_corpus import CORPUS_FILE, read_corpus
-
     prefix = bundled_prefix(cfg, tokenizer)
     stats = read_trusted_stats(prefix)
     if stats is not None and stats.get("extra", {}).get("tokenizer_fingerprint") == tokenizer.fingerprint():
@@ -123,16 +121,16 @@ def prepare_bundled(cfg: Config, tokenizer: Tokenizer, log: Callable[[str], None
     return prefix
 
 
-def resolve_plan(cfg: Config, tokenizer: Tokenizer) -> DataPlan:
+def resolve_sources(cfg: Config, tokenizer: Tokenizer) -> DataSources:
     """Where the data comes from; touches no dataset file (cheap, and safe on every rank)."""
     d, sizes, cache_dir = cfg.data, split_sizes(cfg), cache_dir_for(cfg)
     if d.source not in SOURCES:
         raise DataError(f"data.source={d.source!r}: expected one of {', '.join(SOURCES)}")
     if d.source == "mock":
-        return DataPlan(None, None, None, sizes, [], cache_dir)
+        return DataSources(None, None, None, sizes, [], cache_dir)
     if d.source == "bundled":
         parse_split(d.split)
-        return DataPlan(([bundled_prefix(cfg, tokenizer)], None), None, d.split, sizes, [bundled_prefix(cfg, tokenizer)], cache_dir)
+        return DataSources(([bundled_prefix(cfg, tokenizer)], None), None, d.split, sizes, [bundled_prefix(cfg, tokenizer)], cache_dir)
     per_split = [_blend(d.train_blend, "train_blend"), _blend(d.valid_blend, "valid_blend"), _blend(d.test_blend, "test_blend")]
     main = _blend(d.blend, "blend")
     if main is not None and any(per_split):
@@ -144,9 +142,9 @@ def resolve_plan(cfg: Config, tokenizer: Tokenizer) -> DataPlan:
         )
     if main is not None:
         parse_split(d.split)
-        return DataPlan(main, None, d.split, sizes, list(main[0]), cache_dir)
+        return DataSources(main, None, d.split, sizes, list(main[0]), cache_dir)
     prefixes = sorted({p for b in per_split if b for p in b[0]})
-    return DataPlan(None, per_split, None, sizes, prefixes, cache_dir)
+    return DataSources(None, per_split, None, sizes, prefixes, cache_dir)
 
 
 def _check_splits_have_tokens(prefix: str, split: str, sizes: List[int]) -> None:
@@ -167,30 +165,28 @@ def _check_splits_have_tokens(prefix: str, split: str, sizes: List[int]) -> None
             )
 
 
-def validate_datasets(cfg: Config, plan: DataPlan, tokenizer: Tokenizer, log: Callable[[str], None] = print) -> None:
+def validate_datasets(cfg: Config, sources: DataSources, tokenizer: Tokenizer, log: Callable[[str], None] = print) -> None:
     # Token ranges of datasets without a preprocessing sidecar are scanned once, then
     # remembered in the cache directory (a multi-terabyte .bin is not rescanned per job).
-    ranges = os.path.join(plan.cache_dir, "token_ranges.json")
-    for prefix in plan.prefixes:
+    ranges = os.path.join(sources.cache_dir, "token_ranges.json")
+    for prefix in sources.prefixes:
         stats = check_indexed_dataset(prefix, vocab_size=cfg.model.vocab_size, range_cache=ranges)
         made_with = stats.extra.get("tokenizer_fingerprint")
         if made_with and made_with != tokenizer.fingerprint():
             log(f"warning: {prefix} was tokenized with {stats.extra.get('tokenizer')}, not data.tokenizer ({tokenizer.spec})")
-        if plan.split is not None:
-            _check_splits_have_tokens(prefix, plan.split, plan.sizes)
+        if sources.split is not None:
+            _check_splits_have_tokens(prefix, sources.split, sources.sizes)
 
 
 def check_data_config(cfg: Config) -> None:
     """Preflight, before any rank starts: the tokenizer, the blend and every dataset file."""
     tokenizer = build_tokenizer(cfg)
-    plan = resolve_plan(cfg, tokenizer)
+    sources = resolve_sources(cfg, tokenizer)
     if cfg.data.source == "bundled":
-        from data_tools.make_corpus import CORPUS_FILE
-
         if not CORPUS_FILE.is_file():
             raise DataError(f"the bundled corpus is missing: {CORPUS_FILE} (reinstall the package)")
         return
-    validate_datasets(cfg, plan, tokenizer)
+    validate_datasets(cfg, sources, tokenizer)
 
 
 # --------------------------------------------------------------------------- building
@@ -209,7 +205,7 @@ def on_rank0_first(fn: Callable[[], Any]) -> Any:
             result = fn()
         except Exception as exc:  # shared with the other ranks, then re-raised here
             original = exc
-            error[0] = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+            error[0] = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(error, src=0)
     if original is not None:
         raise original
@@ -234,17 +230,17 @@ def single_process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _gpt_config(cfg: Config, plan: DataPlan, tokenizer: Tokenizer):
+def _gpt_config(cfg: Config, sources: DataSources, tokenizer: Tokenizer):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     d = cfg.data
     return GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.train.seq_length,
-        blend=plan.blend,
-        blend_per_split=plan.blend_per_split,
-        split=plan.split,
-        path_to_cache=None if cfg.data.source == "mock" else plan.cache_dir,
+        blend=sources.blend,
+        blend_per_split=sources.blend_per_split,
+        split=sources.split,
+        path_to_cache=None if cfg.data.source == "mock" else sources.cache_dir,
         mmap_bin_files=True,
         tokenizer=MegatronTokenizerAdapter(tokenizer),
         reset_position_ids=d.reset_position_ids,
@@ -256,15 +252,15 @@ def _gpt_config(cfg: Config, plan: DataPlan, tokenizer: Tokenizer):
     )
 
 
-def prepare_data(cfg: Config, tokenizer: Tokenizer, plan: DataPlan, rebuild: bool = True,
+def prepare_data(cfg: Config, tokenizer: Tokenizer, sources: DataSources, rebuild: bool = True,
                  log: Callable[[str], None] = print) -> None:
     """Rank 0's share of the work: bundled corpus, dataset checks, cache freshness."""
     if cfg.data.source == "mock":
         return
     if cfg.data.source == "bundled":
         prepare_bundled(cfg, tokenizer, log)
-    validate_datasets(cfg, plan, tokenizer, log)
-    refresh_cache(plan.cache_dir, plan.prefixes, rebuild=rebuild, log=log)
+    validate_datasets(cfg, sources, tokenizer, log)
+    refresh_cache(sources.cache_dir, sources.prefixes, rebuild=rebuild, log=log)
 
 
 def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None, rebuild_stale: bool = True):
@@ -275,10 +271,10 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None, rebuild_s
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     tokenizer = tokenizer or build_tokenizer(cfg)
-    plan = resolve_plan(cfg, tokenizer)
-    on_rank0_first(lambda: prepare_data(cfg, tokenizer, plan, rebuild_stale))
+    sources = resolve_sources(cfg, tokenizer)
+    on_rank0_first(lambda: prepare_data(cfg, tokenizer, sources, rebuild_stale))
     cls = MockGPTDataset if cfg.data.source == "mock" else GPTDataset
-    builder = BlendedMegatronDatasetBuilder(cls, plan.sizes, lambda: True, _gpt_config(cfg, plan, tokenizer))
+    builder = BlendedMegatronDatasetBuilder(cls, sources.sizes, lambda: True, _gpt_config(cfg, sources, tokenizer))
     with single_process_group():
         train, valid, test = builder.build()
     if cfg.train.eval_iters <= 0:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 from torch.utils.data import DataLoader
 
-from data_tools.errors import DataError
+from nemotron_train.errors import DataError
 from nemotron_train.config.schema import Config
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from data_tools.errors import DataError
+from nemotron_train.errors import DataError
 
 HEADER = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -10,7 +10,11 @@ Specs (the `--tokenizer` flag and `data.tokenizer.type`):
   (a list of {rank, token_bytes, token_str}; 1000 special tokens first, `</s>` = 2 is the
   end of document, 131072 tokens in all: the layout of Nemotron-H's tokenizer).
 - `sentencepiece:FILE`: a SentencePiece model; its `</s>` is the end of document.
-- `bundled`: the small BPE shipped with the bundled corpus.
+- `bundled`: the small BPE shipped with the bundled corpus (`nemotron_train.data.bundled`).
+
+`build_tokenizer(cfg)` is the run's tokenizer (`data.tokenizer`, checked against
+`model.vocab_size`), and `MegatronTokenizerAdapter` the view of it megatron-core's
+datasets take in their config.
 
 Each tokenizer runs single-threaded: `--workers N` then means N cores, and N processes
 never oversubscribe the machine with the libraries' own thread pools.
@@ -25,18 +29,22 @@ import os
 import re
 import sys
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data_tools.errors import DataError
+from nemotron_train.data.bundled import TOKENIZER_FILE as BUNDLED_TOKENIZER
+from nemotron_train.errors import DataError
+
+if TYPE_CHECKING:
+    from nemotron_train.config.schema import Config
 
 # Keep the Rust tokenizers single-threaded (see the module docstring).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "corpus" / "tokenizer.json"
 SPEC_HELP = "byte | hf:FILE | tiktoken:FILE | sentencepiece:FILE | bundled"
 
 # Split patterns for tiktoken: Megatron's v1/v2 (v2 is Nemotron-H's), OpenAI's cl100k and gpt2.
@@ -485,3 +493,55 @@ def token_dtype_for(vocab_size: int):
 
     return np.uint16 if vocab_size < 65500 else np.int32
 
+
+# --------------------------------------------------------------------------- the run's tokenizer
+
+
+def build_tokenizer(cfg: Config) -> Tokenizer:
+    """`data.tokenizer` as a tokenizer with `vocab_size`, `eod`, `encode`, `decode`.
+
+    Its vocabulary must fit the model's embedding (`model.vocab_size`, which may be padded
+    above the tokenizer's size but never below it)."""
+    t = cfg.data.tokenizer
+    tok = load_tokenizer(t.type, t.path, tiktoken_pattern=getattr(t, "tiktoken_pattern", None))
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"data.tokenizer.type={t.type!r} has {tok.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size to at least {tok.vocab_size}"
+        )
+    return tok
+
+
+class MegatronTokenizerAdapter:
+    """What megatron-core's GPT datasets read from `config.tokenizer`: `vocab_size`, `eod`,
+    and `unique_identifiers`, which enter the hash naming the cached sample indices (the
+    tokenizer file's digest is part of it, so a changed vocabulary gets fresh indices).
+
+    No `pad` attribute on purpose: mcore then pads short samples with a sentinel id it
+    masks out, instead of masking a real token id found in the data."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self.unique_identifiers = OrderedDict(
+            [("class", type(tokenizer).__name__), ("fingerprint", tokenizer.fingerprint())]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._tok.eod
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text), dtype=np.int64)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(ids)
