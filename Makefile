@@ -25,7 +25,7 @@ smoke: setup
 	$(VENV)/bin/nemotron-train train configs/smoke.yaml $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests

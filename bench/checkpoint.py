@@ -48,6 +48,7 @@ def raw_write_speed(directory: Path, nbytes: int) -> float:
 
 def build(args, out: Path):
     from nemotron_train.config import load_config
+    from nemotron_train.resolve import resolve_run
     from nemotron_train.training.loop import Trainer
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
@@ -59,7 +60,7 @@ def build(args, out: Path):
         "data.source=mock", "data.tokenizer.type=byte", "train.seq_length=64",
         "train.micro_batch_size=1", "train.global_batch_size=1", "checkpoint.keep_last=1",
     ])
-    return Trainer(cfg)
+    return Trainer(resolve_run(cfg, world_size=1))
 
 
 def run(args) -> dict:

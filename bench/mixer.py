@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -51,22 +50,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def init_single_rank() -> None:
-    """A gloo world of one, as mcore's parallel linears need a TP group."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+def init_single_rank():
+    """A gloo world of one with TP1/PP1 groups (mcore's parallel linears need a TP group)."""
+    from nemotron_train.config import Config
+    from nemotron_train.distributed.groups import init_process_groups
+    from nemotron_train.platform import setup_platform
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    return init_process_groups(Config(), setup_platform())
 
 
-def build_mixers(a):
-    from megatron.core.process_groups_config import ProcessGroupCollection
+def build_mixers(a, pgs):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
     from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
@@ -79,7 +72,6 @@ def build_mixers(a):
         mamba_num_heads=a.heads, mamba_head_dim=a.headdim, mamba_state_dim=a.state,
         mamba_num_groups=a.groups,
     )
-    pgs = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
     ours = TorchMambaMixer(
         cfg, MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
         d_model=a.d_model, chunk_size=a.chunk, pg_collection=pgs,
@@ -172,9 +164,9 @@ def compare(a, ours: tuple, theirs: tuple) -> dict:
 
 
 def run(a) -> dict:
-    init_single_rank()
+    pgs = init_single_rank()
     torch.manual_seed(0)
-    ours, theirs = build_mixers(a)
+    ours, theirs = build_mixers(a, pgs)
     x_LBD = torch.randn(a.seqlen, a.batch, a.d_model)
     g_LBD = torch.randn(a.seqlen, a.batch, a.d_model)
     diff = (step_ours(ours, x_LBD, g_LBD) - step_theirs(theirs, x_LBD, g_LBD)).abs().max().item()

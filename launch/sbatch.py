@@ -4,6 +4,7 @@
         [--partition P] [--account A] [--container-image I] [--container-mounts M]
         [--chain K] [--job-name J] [--mode per-node|per-gpu] [--signal USR1@120]
         [--submit] [--output PATH] [key=value overrides ...]
+        [--arms bf16,fp8 --seeds S1,S2 [--name NAME] [--output-root DIR]]
 
 The resolved config (file + overrides) is copied into `<run.output_dir>/sbatch/` and the job
 trains from that copy, so editing the original later does not change a queued job. The
@@ -11,7 +12,9 @@ script goes to `<run.output_dir>/sbatch/<job>.sbatch` (or --output); its path is
 `--chain K` submits it K times under one job name with `--dependency=singleton`: each job
 runs after the previous one ends and resumes from its checkpoint; once the run is complete
 the remaining jobs exit at once. `--arms bf16,fp8 --seeds 1,2` renders an FP8-vs-BF16
-ablation instead: one job per arm and seed (see `submit_ablation`).
+ablation instead: the plan of `nemotron-train ablate` (nemotron_train.ablation.plan: arms,
+seeds, run names and directories), one job per planned run (see `submit_plan`, which
+`nemotron-train ablate --slurm` calls too, with the same options: `add_sbatch_options`).
 """
 
 from __future__ import annotations
@@ -25,23 +28,17 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from launch.sbatch_script import MODES, RunPaths, SbatchOptions, forwarded_signal, parse_signal, render_script
-from launch.signals import exit_signal_names
+from nemotron_train.ablation.plan import ARMS, AblationPlan, build_plan, parse_arms
+from nemotron_train.ablation.runner import write_plan
 from nemotron_train.config.loader import load_config, save_config
 from nemotron_train.config.schema import Config
-from nemotron_train.config.validate import FP8_RECIPES, validate_config
-
-PathLike = Union[str, os.PathLike]
-
-# Ablation arms: name -> overrides. Every arm of one seed shares train.seed, hence the same
-# initialisation and data order, so the arms differ only in precision.
-ARM_OVERRIDES: Dict[str, List[str]] = {
-    "bf16": ["precision.fp8.enabled=false"],
-    "fp8": ["precision.fp8.enabled=true"],
-    **{f"fp8-{r}": ["precision.fp8.enabled=true", f"precision.fp8.recipe={r}"] for r in FP8_RECIPES},
-}
+from nemotron_train.config.validate import validate_config
+from nemotron_train.errors import LaunchError
+from nemotron_train.rundir import PathLike, logs_dir, sbatch_dir
+from nemotron_train.training.stop import exit_signal_names
 
 
 @dataclass
@@ -56,14 +53,14 @@ class RenderedJob:
 def _safe_name(name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     if not safe:
-        raise ValueError(f"job name {name!r} has no usable characters; pass --job-name")
+        raise LaunchError(f"job name {name!r} has no usable characters; pass --job-name")
     return safe
 
 
 def _no_whitespace(what: str, path: Path) -> None:
     # #SBATCH lines are not shell-parsed: a path with spaces cannot be written there.
     if re.search(r"\s", str(path)):
-        raise ValueError(f"{what} {str(path)!r} contains whitespace, which #SBATCH options cannot hold")
+        raise LaunchError(f"{what} {str(path)!r} contains whitespace, which #SBATCH options cannot hold")
 
 
 def _snapshot_path(directory: Path, name: str) -> Path:
@@ -82,7 +79,7 @@ def _check_signal(opts: SbatchOptions, cfg: Config) -> None:
     forward = "SIG" + forwarded_signal(sig)
     handled = exit_signal_names(cfg.train.exit_signal)
     if forward not in handled:
-        raise ValueError(
+        raise LaunchError(
             f"--signal {opts.signal}: the batch script forwards {forward}, but the trainer stops only on "
             f"{', '.join(handled)}; set train.exit_signal={forward} or use --signal USR1@{parse_signal(opts.signal)[1]}"
         )
@@ -115,13 +112,13 @@ def render_job(
     safe = _safe_name(job_name)
     for what, path in (("run.output_dir", run_dir), ("working directory", workdir)):
         _no_whitespace(what, path)
-    sbatch_dir = run_dir / "sbatch"
-    snapshot = _snapshot_path(sbatch_dir, safe)
+    snapshot_dir = sbatch_dir(run_dir)
+    snapshot = _snapshot_path(snapshot_dir, safe)
     save_config(cfg, snapshot)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create --output dirs
+    logs_dir(run_dir).mkdir(parents=True, exist_ok=True)  # sbatch does not create --output dirs
     paths = RunPaths(config=str(snapshot), run_dir=str(run_dir), workdir=str(workdir), train_steps=cfg.train.steps, source=str(config))
     text = render_script(opts, paths, job_name)
-    script = Path(output) if output is not None else sbatch_dir / f"{safe}.sbatch"
+    script = Path(output) if output is not None else snapshot_dir / f"{safe}.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
     script.chmod(0o755)
@@ -137,54 +134,39 @@ def submit(
     """Submit `script` `count` times; returns the job ids. A chain relies on the script's
     `--dependency=singleton` and job name: SLURM runs same-name jobs one after another."""
     if shutil.which(sbatch, path=(env or os.environ).get("PATH")) is None:
-        raise ValueError(f"`{sbatch}` not found: --submit needs the SLURM client on PATH (or submit the script yourself)")
+        raise LaunchError(f"`{sbatch}` not found: --submit needs the SLURM client on PATH (or submit the script yourself)")
     ids = []
     for _ in range(count):
         result = subprocess.run([sbatch, "--parsable", str(script)], env=dict(env) if env else None, capture_output=True, text=True)
         if result.returncode != 0:
-            raise ValueError(f"sbatch {script} failed (exit {result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+            raise LaunchError(f"sbatch {script} failed (exit {result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
         ids.append(result.stdout.strip().split(";")[0])
     return ids
 
 
-def submit_ablation(
-    config: PathLike,
-    arms: Sequence[str],
-    seeds: Sequence[int],
+def submit_plan(
+    plan: AblationPlan,
     sbatch_args: SbatchOptions,
-    overrides: Sequence[str] = (),
-    group: Optional[str] = None,
     submit_jobs: bool = True,
     env: Optional[Mapping[str, str]] = None,
 ) -> List[RenderedJob]:
     """Render, and unless `submit_jobs` is False submit, one job (a chain of
-    `sbatch_args.chain`) per (arm, seed), e.g. arms ("bf16", "fp8") x seeds (1234, 1235).
+    `sbatch_args.chain`) per run of an ablation plan (`nemotron_train.ablation.plan`).
 
-    Each job gets its own run dir `<run.output_dir>/<arm>-s<seed>` and job name, shares
-    train.seed (initialisation and data order) with the other arms of its seed, and logs to
-    the wandb group `group` (default `<run.name>-ablation`) so the arms plot together.
+    Each job trains its run's overrides (arm, train.seed, run dir, wandb group) in the run's
+    directory, under the job name `plan.job_name(run, sbatch_args.job_name)`. Every job is
+    rendered before any is submitted, so a run whose config or layout fails submits nothing.
+    The plan is recorded in `<output root>/ablation.json`, as a local `ablate` records it.
     """
-    unknown = [a for a in arms if a not in ARM_OVERRIDES]
-    if unknown or not arms:
-        raise ValueError(f"ablation arms {list(arms)!r}: choose from {', '.join(ARM_OVERRIDES)}")
-    if not seeds:
-        raise ValueError("ablation needs at least one seed")
-    base = load_config(config, overrides)
-    group = group or f"{base.run.name}-ablation"
-    job_base = sbatch_args.job_name or base.run.name
-    jobs = []
-    for seed in seeds:
-        for arm in arms:
-            tag = f"{arm}-s{seed}"
-            arm_overrides = [
-                *overrides, *ARM_OVERRIDES[arm], f"train.seed={seed}",
-                f"run.name={base.run.name}-{tag}", f"run.output_dir={base.run.output_dir}/{tag}",
-                f"logging.wandb.group={group}",
-            ]
-            job = render_job(config, arm_overrides, replace(sbatch_args, job_name=f"{job_base}-{tag}"))
-            if submit_jobs:
-                job.job_ids = submit(job.script, sbatch_args.chain, env=env)
-            jobs.append(job)
+    jobs = [
+        render_job(plan.config, run.overrides, replace(sbatch_args, job_name=plan.job_name(run, sbatch_args.job_name)))
+        for run in plan.runs
+    ]
+    # Relative run dirs resolve from the job's working directory (see render_job).
+    write_plan(plan, Path(sbatch_args.workdir or os.getcwd()).resolve() / plan.output_root)
+    if submit_jobs:
+        for job in jobs:
+            job.job_ids = submit(job.script, sbatch_args.chain, env=env)
     return jobs
 
 
@@ -217,50 +199,75 @@ def _csv(kind: type):
     return parse
 
 
+def add_sbatch_options(parser: argparse.ArgumentParser, required: bool = True, title: str = "") -> Dict[str, Tuple[str, Any]]:
+    """The allocation and job options of a batch job, as `nemotron-train sbatch` has them;
+    `nemotron-train ablate --slurm` adds the same ones (`required=False`: they only matter
+    with --slurm, and `sbatch_options` names a missing one). `title` prefixes the groups.
+    Returns {option: (dest, default)} of what it added."""
+    actions: List[argparse.Action] = []
+    allocation = parser.add_argument_group(f"{title}allocation")
+    job = parser.add_argument_group(f"{title}job")
+
+    def g(*args: Any, **kw: Any) -> None:
+        actions.append(allocation.add_argument(*args, **kw))
+
+    def j(*args: Any, **kw: Any) -> None:
+        actions.append(job.add_argument(*args, **kw))
+
+    g("--nodes", type=int, required=required)
+    g("--gpus-per-node", type=int, default=None, help="GPUs per node (0 = CPU ranks, with --nproc-per-node)")
+    g("--cpu", action="store_true", help="CPU ranks: same as --gpus-per-node 0")
+    g("--nproc-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)")
+    g("--time", required=required, help="time limit, HH:MM:SS")
+    g("--partition")
+    g("--account")
+    g("--cpus-per-task", type=int)
+    g("--exclusive", action="store_true", help="whole nodes only")
+    g("--sbatch-option", dest="extra_sbatch", action="append", default=[], metavar="OPT",
+      help="another #SBATCH option, e.g. --sbatch-option=--qos=high (repeatable)")
+    j("--job-name", help="default: run.name; an ablation's jobs are <job-name or ablation name>-<run label>")
+    j("--mode", choices=MODES, default="per-node",
+      help="per-node: torchrun on each node (default); per-gpu: one srun task per GPU")
+    j("--signal", default="USR1@120", help="stop signal and seconds before the time limit (default USR1@120)")
+    j("--chain", type=int, default=1, help="submit K jobs that run one after another (singleton)")
+    j("--container-image", help="pyxis/enroot image for the ranks")
+    j("--container-mounts", help="pyxis mounts, SRC:DST[,SRC:DST...]")
+    j("--python", default="python", help="interpreter the ranks run (default: python on PATH)")
+    j("--workdir", help="the job's working directory (default: the current directory)")
+    j("--env", action="append", default=[], metavar="KEY=VALUE", help="export in the job (repeatable)")
+    return {a.option_strings[0]: (a.dest, a.default) for a in actions}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("sbatch", help="render (and submit) a SLURM batch script for a run",
                               description=__doc__.split("\n\n")[0])
     p.__class__ = _IntermixedParser
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides baked into the job's config")
-    g = p.add_argument_group("allocation")
-    g.add_argument("--nodes", type=int, required=True)
-    g.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (0 = CPU ranks, with --nproc-per-node)")
-    g.add_argument("--cpu", action="store_true", help="CPU ranks: same as --gpus-per-node 0")
-    g.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)")
-    g.add_argument("--time", required=True, help="time limit, HH:MM:SS")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--cpus-per-task", type=int)
-    g.add_argument("--exclusive", action="store_true", help="whole nodes only")
-    g.add_argument("--sbatch-option", dest="extra_sbatch", action="append", default=[], metavar="OPT",
-                   help="another #SBATCH option, e.g. --sbatch-option=--qos=high (repeatable)")
-    j = p.add_argument_group("job")
-    j.add_argument("--job-name", help="default: run.name")
-    j.add_argument("--mode", choices=MODES, default="per-node",
-                   help="per-node: torchrun on each node (default); per-gpu: one srun task per GPU")
-    j.add_argument("--signal", default="USR1@120", help="stop signal and seconds before the time limit (default USR1@120)")
-    j.add_argument("--chain", type=int, default=1, help="submit K jobs that run one after another (singleton)")
-    j.add_argument("--container-image", help="pyxis/enroot image for the ranks")
-    j.add_argument("--container-mounts", help="pyxis mounts, SRC:DST[,SRC:DST...]")
-    j.add_argument("--python", default="python", help="interpreter the ranks run (default: python on PATH)")
-    j.add_argument("--workdir", help="the job's working directory (default: the current directory)")
-    j.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="export in the job (repeatable)")
-    j.add_argument("--output", help="script path (default: <run.output_dir>/sbatch/<job>.sbatch)")
-    j.add_argument("--submit", action="store_true", help="submit with sbatch and print the job ids")
-    a = p.add_argument_group("ablation")
-    a.add_argument("--arms", type=_csv(str), help=f"render one job per arm and seed; arms: {', '.join(ARM_OVERRIDES)}")
+    add_sbatch_options(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--output", help="script path (default: <run.output_dir>/sbatch/<job>.sbatch)")
+    o.add_argument("--submit", action="store_true", help="submit with sbatch and print the job ids")
+    a = p.add_argument_group("ablation (the plan of `nemotron-train ablate`, one job per run)")
+    a.add_argument("--arms", help=f"comma-separated arms, one job per arm and seed: {', '.join(ARMS)}")
     a.add_argument("--seeds", type=_csv(int), help="comma-separated train.seed values for --arms")
-    a.add_argument("--group", help="wandb group of the ablation (default: <run.name>-ablation)")
+    a.add_argument("--name", "--group", dest="name",
+                   help="ablation name: wandb group and directory (default <run.name>-<arm>-vs-<arm>)")
+    a.add_argument("--output-root", help="where the runs go, <root>/<arm>_s<k> (default: next to run.output_dir, named --name)")
     p.set_defaults(func=main)
 
 
-def _options(args: argparse.Namespace) -> SbatchOptions:
+def sbatch_options(args: argparse.Namespace) -> SbatchOptions:
+    """SbatchOptions from the arguments `add_sbatch_options` defines; ValueError for a missing
+    or contradictory one."""
+    missing = [flag for flag, value in (("--nodes N", args.nodes), ("--time HH:MM:SS", args.time)) if value is None]
+    if missing:
+        raise LaunchError(f"a SLURM job needs {' and '.join(missing)}")
     gpus = 0 if args.cpu else args.gpus_per_node
     if gpus is None:
-        raise ValueError("give --gpus-per-node G (or --cpu / --gpus-per-node 0 with --nproc-per-node N for CPU ranks)")
+        raise LaunchError("give --gpus-per-node G (or --cpu / --gpus-per-node 0 with --nproc-per-node N for CPU ranks)")
     if args.cpu and args.gpus_per_node:
-        raise ValueError("--cpu contradicts --gpus-per-node; use one")
+        raise LaunchError("--cpu contradicts --gpus-per-node; use one")
     return SbatchOptions(
         nodes=args.nodes, gpus_per_node=gpus, time=args.time, nproc_per_node=args.nproc_per_node,
         mode=args.mode, partition=args.partition, account=args.account, job_name=args.job_name,
@@ -270,29 +277,31 @@ def _options(args: argparse.Namespace) -> SbatchOptions:
     )
 
 
-def _report(job: RenderedJob) -> None:
+def report_job(job: RenderedJob) -> None:
+    """Print the script path, then one line per submitted job id."""
     print(job.script)
     for job_id in job.job_ids:
         print(f"submitted {job.job_name}: job {job_id}")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        opts = _options(args)
-        if bool(args.arms) != bool(args.seeds):
-            raise ValueError("an ablation needs both --arms and --seeds")
-        if args.arms:
-            if args.output:
-                raise ValueError("--output names one script; an ablation writes one per arm and seed into each run dir")
-            jobs = submit_ablation(args.config, args.arms, args.seeds, opts, args.overrides, args.group, submit_jobs=args.submit)
-        else:
-            job = render_job(args.config, args.overrides, opts, args.output)
-            if args.submit:
-                job.job_ids = submit(job.script, opts.chain)
-            jobs = [job]
-    except ValueError as exc:  # ConfigError is a ValueError
-        print(f"nemotron-train sbatch: error: {exc}", file=sys.stderr)
-        return 2
+    # Bad options raise LaunchError / ConfigError: the command line reports them (exit 2).
+    opts = sbatch_options(args)
+    if bool(args.arms) != bool(args.seeds):
+        raise LaunchError("an ablation needs both --arms and --seeds")
+    if args.arms:
+        if args.output:
+            raise LaunchError("--output names one script; an ablation writes one per arm and seed into each run dir")
+        plan = build_plan(args.config, parse_arms(args.arms), seeds=args.seeds, user_overrides=args.overrides,
+                          name=args.name, output_root=args.output_root)
+        jobs = submit_plan(plan, opts, submit_jobs=args.submit)
+    else:
+        if args.name or args.output_root:
+            raise LaunchError("--name and --output-root place the runs of an ablation: use them with --arms and --seeds")
+        job = render_job(args.config, args.overrides, opts, args.output)
+        if args.submit:
+            job.job_ids = submit(job.script, opts.chain)
+        jobs = [job]
     for job in jobs:
-        _report(job)
+        report_job(job)
     return 0

@@ -14,8 +14,9 @@ import shlex
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from launch.signals import COMPLETED_MARKER, EXIT_CODE_RESUMABLE
-from launch.slurm_env import RDZV_PORT_BASE, RDZV_PORT_SPAN, torchrun_args
+from nemotron_train.errors import LaunchError
+from nemotron_train.rundir import COMPLETED_MARKER, LOGS_DIR
+from nemotron_train.training.stop import EXIT_CODE_RESUMABLE
 
 MODES = ("per-node", "per-gpu")
 # Signals the batch shell may be asked to forward. TERM is accepted but forwarded as USR1:
@@ -36,7 +37,7 @@ def parse_time(text: str) -> int:
     """SLURM time limit -> seconds. Accepts MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
     match = _TIME_RE.match(str(text).strip())
     if not match:
-        raise ValueError(f"--time {text!r}: use HH:MM:SS (or SLURM's MM, MM:SS, D-HH:MM:SS)")
+        raise LaunchError(f"--time {text!r}: use HH:MM:SS (or SLURM's MM, MM:SS, D-HH:MM:SS)")
     days, a, b, c = match.groups()
     nums = [int(x) for x in (a, b, c) if x is not None]
     if days is not None:  # D-HH[:MM[:SS]]
@@ -49,7 +50,7 @@ def parse_time(text: str) -> int:
     else:
         total = nums[0] * 60
     if total <= 0:
-        raise ValueError(f"--time {text!r}: the time limit must be positive")
+        raise LaunchError(f"--time {text!r}: the time limit must be positive")
     return total
 
 
@@ -58,12 +59,12 @@ def parse_signal(text: str) -> Tuple[str, int]:
     rendered because the script's trap is what passes the request on to the ranks."""
     match = re.fullmatch(r"(?:B:)?(?:SIG)?([A-Z0-9]+)(?:@(\d+))?", str(text).strip().upper())
     if not match:
-        raise ValueError(f"--signal {text!r}: use SIGNAL@SECONDS, e.g. USR1@120")
+        raise LaunchError(f"--signal {text!r}: use SIGNAL@SECONDS, e.g. USR1@120")
     name, seconds = match.group(1), int(match.group(2) or 60)
     if name not in FORWARDABLE_SIGNALS:
-        raise ValueError(f"--signal {text!r}: use one of {', '.join(FORWARDABLE_SIGNALS)}, e.g. USR1@120")
+        raise LaunchError(f"--signal {text!r}: use one of {', '.join(FORWARDABLE_SIGNALS)}, e.g. USR1@120")
     if not 0 < seconds <= 65535:
-        raise ValueError(f"--signal {text!r}: seconds before the time limit must be in 1..65535")
+        raise LaunchError(f"--signal {text!r}: seconds before the time limit must be in 1..65535")
     return name, seconds
 
 
@@ -104,31 +105,31 @@ class SbatchOptions:
     def validate(self) -> None:
         """ValueError naming the option for anything sbatch would reject or that cannot work."""
         if self.nodes < 1:
-            raise ValueError(f"--nodes {self.nodes}: need at least 1 node")
+            raise LaunchError(f"--nodes {self.nodes}: need at least 1 node")
         if self.gpus_per_node < 0:
-            raise ValueError(f"--gpus-per-node {self.gpus_per_node}: cannot be negative")
+            raise LaunchError(f"--gpus-per-node {self.gpus_per_node}: cannot be negative")
         if self.ranks_per_node < 1:
-            raise ValueError("--gpus-per-node 0 (CPU) needs --nproc-per-node N for the ranks per node")
+            raise LaunchError("--gpus-per-node 0 (CPU) needs --nproc-per-node N for the ranks per node")
         if self.gpus_per_node and self.ranks_per_node > self.gpus_per_node:
-            raise ValueError(
+            raise LaunchError(
                 f"--nproc-per-node {self.ranks_per_node} exceeds --gpus-per-node {self.gpus_per_node}: one rank per GPU"
             )
         if self.mode not in MODES:
-            raise ValueError(f"--mode {self.mode!r}: use per-node (torchrun on each node) or per-gpu (one task per GPU)")
+            raise LaunchError(f"--mode {self.mode!r}: use per-node (torchrun on each node) or per-gpu (one task per GPU)")
         if self.chain < 1:
-            raise ValueError(f"--chain {self.chain}: need at least 1 job")
+            raise LaunchError(f"--chain {self.chain}: need at least 1 job")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise ValueError(f"--cpus-per-task {self.cpus_per_task}: need at least 1")
+            raise LaunchError(f"--cpus-per-task {self.cpus_per_task}: need at least 1")
         limit = parse_time(self.time)
         _, lead = parse_signal(self.signal)
         if lead >= limit:
-            raise ValueError(f"--signal {self.signal}: {lead}s before the end is not inside --time {self.time} ({limit}s)")
+            raise LaunchError(f"--signal {self.signal}: {lead}s before the end is not inside --time {self.time} ({limit}s)")
         for item in self.env:
             key, sep, _ = item.partition("=")
             if not sep or not _ENV_KEY_RE.match(key):
-                raise ValueError(f"--env {item!r}: use KEY=VALUE")
+                raise LaunchError(f"--env {item!r}: use KEY=VALUE")
         if bool(self.container_mounts) and not self.container_image:
-            raise ValueError("--container-mounts needs --container-image")
+            raise LaunchError("--container-mounts needs --container-image")
 
 
 @dataclass
@@ -170,7 +171,7 @@ def _header(opts: SbatchOptions, run: RunPaths, job_name: str) -> List[str]:
         lines.append("#SBATCH --exclusive")
     lines += [
         f"#SBATCH --signal=B:{sig}@{lead}",
-        f"#SBATCH --output={run.run_dir}/logs/%x-%j.out",
+        f"#SBATCH --output={run.run_dir}/{LOGS_DIR}/%x-%j.out",
         f"#SBATCH --chdir={run.workdir}",
     ]
     if opts.chain > 1:
@@ -233,7 +234,15 @@ def _environment(opts: SbatchOptions) -> List[str]:
     return lines
 
 
+def _slurm_mapping():
+    """nemotron_train.distributed.slurm (pure Python, cheap to import)."""
+    from nemotron_train.distributed import slurm
+
+    return slurm
+
+
 def _rendezvous() -> List[str]:
+    slurm = _slurm_mapping()
     return [
         "",
         "# ---- rendezvous: the first node of the allocation, a port derived from the job id",
@@ -242,7 +251,7 @@ def _rendezvous() -> List[str]:
         "else",
         "  MASTER_ADDR=$(hostname -s)  # the batch script runs on the first node of the allocation",
         "fi",
-        f"MASTER_PORT=$(( {RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN} ))",
+        f"MASTER_PORT=$(( {slurm.RDZV_PORT_BASE} + SLURM_JOB_ID % {slurm.RDZV_PORT_SPAN} ))",
         "export MASTER_ADDR MASTER_PORT",
         'echo "rendezvous at $MASTER_ADDR:$MASTER_PORT"',
     ]
@@ -315,8 +324,8 @@ def _launch(opts: SbatchOptions, run: RunPaths) -> List[str]:
         ]
     else:
         ignored = " ".join(dict.fromkeys(["TERM", "USR1", forwarded_signal(sig)]))
-        rdzv = torchrun_args('"$SLURM_JOB_NUM_NODES"', opts.ranks_per_node, '"$SLURM_NODEID"',
-                             '"$MASTER_ADDR"', '"$MASTER_PORT"', '"$SLURM_JOB_ID"')
+        rdzv = _slurm_mapping().torchrun_args('"$SLURM_JOB_NUM_NODES"', opts.ranks_per_node, '"$SLURM_NODEID"',
+                                              '"$MASTER_ADDR"', '"$MASTER_PORT"', '"$SLURM_JOB_ID"')
         lines += [
             "# One task per node runs torchrun, which starts the node's ranks and meets the other",
             "# nodes at a c10d rendezvous on the first node. SLURM signals every process of the",

@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import time
 import warnings
 from typing import List, Optional
 
 # Modules that register subcommands, in help order. A module that fails to import is a bug.
 COMMAND_MODULES = [
-    "nemotron_train.training.cli",  # train
-    "nemotron_train.plan",  # plan
+    "nemotron_train.commands.train",  # train
+    "nemotron_train.commands.plan",  # plan
     "data_tools.cli",  # preprocess, inspect, prepare-cache
-    "nemotron_train.checkpoint.cli",  # export-hf, import-hf, score
-    "nemotron_train.ablation.cli",  # ablate, compare
+    "nemotron_train.commands.hf",  # export-hf, import-hf
+    "nemotron_train.commands.score",  # score
+    "nemotron_train.commands.ablate",  # ablate, compare
     "launch.sbatch",  # sbatch
 ]
 
@@ -49,11 +52,25 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
 
 
+# How long a rank other than 0 waits before reporting a user error itself (see below).
+NONZERO_RANK_REPORT_DELAY_S = 5.0
+
+
 def _report_user_error(command: str, exc: Exception) -> None:
-    """One message, printed once: by rank 0 when ranks are running (every rank raises the same
-    error from the same config), else by the only process."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"nemotron-train {command}: error: {exc}", file=sys.stderr, flush=True)
+    """One message, printed once.
+
+    Every rank loads the same config, so an error is usually raised on all ranks: rank 0
+    prints it and exits, and the launcher (torchrun, srun) stops the others while they wait
+    here. An error only some ranks hit (a file missing on one node) leaves rank 0 running, so
+    a waiting rank prints it itself, with its rank, after the delay."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    prefix = ""
+    if rank != 0:
+        # The trainer's stop handler turns SIGTERM into a flag; here it must end the process.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(NONZERO_RANK_REPORT_DELAY_S)
+        prefix = f"[rank {rank}] "
+    print(f"{prefix}nemotron-train {command}: error: {exc}", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

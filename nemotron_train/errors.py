@@ -43,3 +43,8 @@ class HFConversionError(UserError):
 
 class ScoreError(HFConversionError):
     """Bad input to `nemotron-train score`."""
+
+
+class LaunchError(UserError):
+    """A launcher option or environment (sbatch options, SLURM variables, host lists) that
+    cannot be used; the message names the option or variable."""

@@ -40,6 +40,7 @@ SMOKE_MODEL = [
     "train.global_batch_size=4",
     "train.micro_batch_size=1",
     "optimizer.use_distributed_optimizer=false",
+    "data.source=mock",  # the harness feeds its own batches; a valid run config needs a source
 ]
 
 
@@ -67,15 +68,17 @@ def micro_batches(cfg, dp_rank: int, dp_size: int):
 
 def setup(overrides):
     from nemotron_train.config import load_config
-    from nemotron_train.distributed import init_process_groups
+    from nemotron_train.distributed.groups import init_process_groups
     from nemotron_train.models.build import build_model
     from nemotron_train.platform import setup_platform
+    from nemotron_train.resolve import resolve_run
 
     cfg = load_config(None, SMOKE_MODEL + list(overrides))
+    run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     platform = setup_platform()
     pgs = init_process_groups(cfg, platform)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, pgs, platform.device_type)
+    model = build_model(run, pgs)
     return cfg, pgs, model
 
 

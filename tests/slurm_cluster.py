@@ -6,7 +6,7 @@ a system SLURM installation, and two test runs on one machine do not collide. Ev
 command goes through `SlurmCluster.run`, which points `SLURM_CONF` at the private config.
 
 Also here: `write_stub_trainer`, a stand-in for `python -m nemotron_train train` that obeys
-the trainer's graceful-stop contract (see launch/signals.py) in a few lines, so the SLURM
+the trainer's graceful-stop contract (see nemotron_train/training/stop.py) in a few lines, so the SLURM
 plumbing can be tested end to end without the real model.
 """
 
@@ -390,7 +390,7 @@ import time
 
 import yaml
 
-from launch.signals import ExitSignalHandler, mark_completed, resumable_exit_code, should_exit
+from nemotron_train.training.stop import ExitSignalHandler, mark_completed, resumable_exit_code, should_exit
 
 
 def load(path, overrides):
@@ -463,12 +463,22 @@ if __name__ == "__main__":
 '''
 
 
+REAL_PACKAGE = Path(__file__).resolve().parents[1] / "nemotron_train"
+
+
 def write_stub_trainer(directory: Path) -> Path:
     """Write a `nemotron_train` stand-in package under `directory`; put `directory` first on
-    PYTHONPATH (and run the job outside the project root) so `-m nemotron_train` finds it."""
+    PYTHONPATH (and run the job outside the project root) so `-m nemotron_train` finds it.
+
+    Only `__main__` is stood in: the package's path continues into the real package, so the
+    stand-in and the launcher (`python -m launch.slurm_env`) import the real stop protocol
+    (nemotron_train.training.stop) and SLURM mapping (nemotron_train.distributed.slurm)."""
     package = Path(directory) / "nemotron_train"
     package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text('"""Test stand-in for the trainer."""\n')
+    (package / "__init__.py").write_text(
+        '"""Test stand-in for the trainer: its own __main__, the real package\'s modules."""\n'
+        f"__path__.append({str(REAL_PACKAGE)!r})\n"
+    )
     (package / "__main__.py").write_text(_STUB_MAIN)
     return Path(directory)
 

@@ -1,5 +1,7 @@
-"""`ablate` (plan construction, local runner, SLURM hand-off, CLI) and `compare` (report and
-plot from synthetic metrics.jsonl files). No training is run."""
+"""`ablate` (plan construction, local runner, CLI) and `compare` (report and plot from
+synthetic metrics.jsonl files). No training is run. `ablate --slurm` renders through the
+sbatch front door: tests/test_launch_sbatch.py (rendering) and tests/test_ablation_slurm.py
+(a real SLURM cluster)."""
 
 import argparse
 import json
@@ -10,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemotron_train.ablation.cli import register
+from nemotron_train.commands.ablate import register
 from nemotron_train.ablation.plan import build_plan, parse_arms
 from nemotron_train.ablation.report import PLOT_FILE, compare_runs
-from nemotron_train.ablation.runner import PLAN_FILE, run_plan, submit_slurm
+from nemotron_train.ablation.runner import PLAN_FILE, run_plan
 from nemotron_train.config.loader import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +75,27 @@ def test_arms_become_overrides_with_shared_seeds(config, tmp_path):
     assert cmd[:5] == (sys.executable, "-m", "nemotron_train", "train", config)
     assert cmd[5:] == by_label["fp8_s0"].overrides
     assert plan.run_dirs()[0] == str(root / "bf16_s0")
+
+
+def test_explicit_seed_values(config):
+    plan = build_plan(config, ("bf16", "fp8"), seeds=[1234, 99])
+    assert plan.seeds == (1234, 99) and plan.base_seed == 1234
+    assert [(r.label, r.seed) for r in plan.runs] == [("bf16_s0", 1234), ("fp8_s0", 1234), ("bf16_s1", 99), ("fp8_s1", 99)]
+    assert "train.seed=99" in plan.runs[3].overrides
+    assert build_plan(config, ("bf16",), seeds=2).seeds == (100, 101)  # a count: from the config's train.seed
+    assert plan.job_name(plan.runs[1]) == "exp-bf16-vs-fp8-fp8_s0" and plan.job_name(plan.runs[1], "j") == "j-fp8_s0"
+    with pytest.raises(ConfigError, match="lists a seed twice"):
+        build_plan(config, ("bf16",), seeds=[3, 3])
+    with pytest.raises(ConfigError, match="at least one train.seed"):
+        build_plan(config, ("bf16",), seeds=[])
+
+
+def test_arms_follow_the_schema_recipes():
+    from nemotron_train.ablation.plan import ARMS
+    from nemotron_train.config.schema import FP8RecipeName, choices
+
+    assert list(ARMS) == ["bf16", "fp8", *(f"fp8-{r}" for r in choices(FP8RecipeName))]
+    assert ARMS["fp8-mxfp8"] == ("precision.fp8.enabled=true", "precision.fp8.recipe=mxfp8")
 
 
 def test_recipe_arms_and_custom_root(config, tmp_path):
@@ -149,17 +172,6 @@ def test_run_plan_stops_at_a_failure_unless_keep_going(config, tmp_path):
     assert run_plan(plan, runner=FakeTrainer(fail={"fp8_s0"}), log=lambda s: None) == {"bf16_s0": 0, "fp8_s0": 3}
     results = run_plan(plan, runner=FakeTrainer(fail={"fp8_s0"}), keep_going=True, rerun=True, log=lambda s: None)
     assert results == {"bf16_s0": 0, "fp8_s0": 3, "bf16_s1": 0, "fp8_s1": 0}
-
-
-def test_slurm_delegates_or_explains(config, tmp_path, monkeypatch):
-    plan = build_plan(config, ("bf16", "fp8"), output_root=str(tmp_path / "abl"))
-    monkeypatch.setitem(sys.modules, "launch.sbatch", types.ModuleType("launch.sbatch"))
-    with pytest.raises(ConfigError, match=r"no SLURM ablation launcher \(launch.sbatch.submit_ablation\).*--dry-run"):
-        submit_slurm(plan)
-    fake = types.ModuleType("launch.sbatch")
-    fake.submit_ablation = lambda p: ["job-1", "job-2"] if p is plan else None
-    monkeypatch.setitem(sys.modules, "launch.sbatch", fake)
-    assert submit_slurm(plan) == ["job-1", "job-2"]
 
 
 # --------------------------------------------------------------------------- compare
@@ -246,7 +258,7 @@ def test_cli_compare(tmp_path, capsys):
 def test_commands_are_registered_in_the_main_cli(config, capsys):
     import nemotron_train.cli as cli
 
-    assert "nemotron_train.ablation.cli" in cli.COMMAND_MODULES
+    assert "nemotron_train.commands.ablate" in cli.COMMAND_MODULES
     args = _parse(["ablate", config, "--arms", "bf16,fp8-blockwise", "--dry-run"])
     assert args.func(args) == 0
     assert "precision.fp8.recipe=blockwise" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_e2e import ROOT, SMOKE, SHORT, _env, _free_port, losses, train
+from test_train_e2e import ROOT, SMOKE, SHORT, _env, _free_port, assert_one_user_error_under_torchrun, losses, train
 
 pytestmark = pytest.mark.slow
 # Fixed schedule length so a shorter first leg has the same LR curve as the full run.
@@ -88,11 +88,13 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, straight):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, straight_run):
     out, _ = straight_run
-    proc = train(out, *ONE_RANK, *SIX, "train.steps=8", "model.hidden_size=96", "model.mamba_head_dim=6",
-                 expect_ok=False)
+    # Under torchrun (2 data-parallel ranks): one message from rank 0, exit code 2, no traceback.
+    proc = train(out, "parallel.tp=1", "parallel.sp=false", *SIX, "train.steps=8", "model.hidden_size=96",
+                 "model.mamba_head_dim=6", torchrun_nproc=2, expect_ok=False)
     assert proc.returncode != 0
     assert "model.hidden_size: checkpoint 64 vs config 96" in proc.stderr
     assert "model.mamba_head_dim" in proc.stderr
+    assert_one_user_error_under_torchrun(proc, "model.hidden_size")
 
 
 def test_async_save_commits_and_resumes_exactly(tmp_path, straight):

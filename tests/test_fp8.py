@@ -18,7 +18,7 @@ from nemotron_train.fp8 import (
     power_of_two_scale,
     quantize_blockwise,
     quantize_current,
-    quantize_ref,
+    quantize_scaled,
 )
 from nemotron_train.fp8.recipe import E4M3, E5M2, FP8RecipeState
 
@@ -36,14 +36,14 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
-# --------------------------------------------------------------------------- quantize_ref
+# --------------------------------------------------------------------------- quantize_scaled
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
 def test_quantize_ref_elementwise_error_matches_the_format(dtype, gen):
     x = torch.randn(64, 256, generator=gen)
     scale = compute_scale(x.abs().max(), dtype)
-    q = quantize_ref(x, dtype, scale)
+    q = quantize_scaled(x, dtype, scale)
     assert q.dtype == x.dtype and q.shape == x.shape
     normal = (x.abs() * scale) >= SMALLEST_NORMAL[dtype]
     rel = ((q - x).abs() / x.abs())[normal]
@@ -52,17 +52,17 @@ def test_quantize_ref_elementwise_error_matches_the_format(dtype, gen):
     # FP8 really applied: errors reach a good fraction of the bound, not float32 noise.
     assert rel.max().item() > bound / 2
     # Values on the FP8 grid: re-quantising with the same scale changes nothing.
-    assert torch.equal(quantize_ref(q, dtype, scale), q)
+    assert torch.equal(quantize_scaled(q, dtype, scale), q)
 
 
 def test_quantize_ref_saturates_and_keeps_dtype():
     x = torch.tensor([1.0, -3.0, 1000.0, -1e6], dtype=torch.bfloat16)
-    q = quantize_ref(x, E4M3, 1.0)
+    q = quantize_scaled(x, E4M3, 1.0)
     assert q.dtype == torch.bfloat16
     assert q.tolist() == [1.0, -3.0, 448.0, -448.0]
     # Dequantisation divides by the scale: the grid of x*2 cast then halved.
-    assert quantize_ref(torch.tensor([0.3]), E4M3, 2.0).item() == 0.3125  # 0.6 -> 0.625 (3 mantissa bits)
-    assert quantize_ref(torch.tensor([300.0]), E4M3, 2.0).item() == 224.0  # 600 saturates to 448, / 2
+    assert quantize_scaled(torch.tensor([0.3]), E4M3, 2.0).item() == 0.3125  # 0.6 -> 0.625 (3 mantissa bits)
+    assert quantize_scaled(torch.tensor([300.0]), E4M3, 2.0).item() == 224.0  # 600 saturates to 448, / 2
 
 
 def test_compute_scale_maps_amax_to_fp8_max_with_margin():

@@ -10,7 +10,8 @@ import pytest
 
 import nemotron_train.fp8.checks as checks
 from nemotron_train.config.loader import ConfigError, load_config
-from nemotron_train.fp8 import check_fp8_config, layer_fp8_context, make_te_recipe, resolve_backend, te_recipe_kwargs
+from nemotron_train.fp8 import check_fp8_config, layer_fp8_context, make_te_recipe, te_recipe_kwargs
+from nemotron_train.resolve import resolve_fp8_backend, resolve_spec
 
 HOPPER, BLACKWELL, ADA, AMPERE, RTX50 = (9, 0), (10, 0), (8, 9), (8, 0), (12, 0)
 
@@ -115,13 +116,17 @@ def test_check_needs_a_resolved_backend():
 # --------------------------------------------------------------------------- resolve_backend
 
 
-def test_resolve_backend(monkeypatch):
+def resolve_backend(c, device_type, missing_kernels=()):
+    """The FP8 backend `nemotron_train.resolve` picks for `c` on `device_type`."""
+    return resolve_fp8_backend(c.precision.fp8.backend, resolve_spec(c.model.spec, device_type, list(missing_kernels)))
+
+
+def test_resolve_backend():
     assert resolve_backend(cfg("precision.fp8.backend=te"), "cpu") == "te"  # checked later, with a message
     assert resolve_backend(cfg("precision.fp8.backend=emulated"), "cuda") == "emulated"
     assert resolve_backend(cfg(), "cpu") == "emulated"
-    monkeypatch.setattr(checks, "te_available", lambda: False)
-    assert resolve_backend(cfg(), "cuda") == "emulated"
-    monkeypatch.setattr(checks, "te_available", lambda: True)
+    assert resolve_backend(cfg(), "cuda", missing_kernels=["transformer_engine"]) == "emulated"
+    assert resolve_backend(cfg(), "cuda", missing_kernels=["causal_conv1d"]) == "emulated"
     assert resolve_backend(cfg("model.spec=te"), "cuda") == "te"
     assert resolve_backend(cfg("model.spec=local"), "cuda") == "emulated"
     with pytest.raises(ConfigError, match="precision.fp8.backend='tee'"):

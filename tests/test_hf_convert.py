@@ -117,7 +117,7 @@ def imported(hf_dir, tmp_path_factory):
 
 
 def test_import_writes_a_model_only_checkpoint_and_run_config(hf_dir, imported):
-    from nemotron_train.checkpoint.hf import from_hf_config
+    from nemotron_train.hf.mapping import from_hf_config
     from nemotron_train.config import load_config
 
     assert (imported / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
@@ -288,8 +288,8 @@ def test_export_reshards_a_training_checkpoint(hf_dir, imported, tmp_path, layou
 
 
 def _logits(ckpt: str, tokens_file: str, out: str) -> None:
-    from nemotron_train.checkpoint.convert import end_single_process, load_checkpoint_model
-    from nemotron_train.checkpoint.score import forward_logits
+    from nemotron_train.commands.score import forward_logits
+    from nemotron_train.hf.convert import end_single_process, load_checkpoint_model
 
     loaded = load_checkpoint_model(ckpt, device="cpu")
     torch.save(forward_logits(loaded.model, torch.load(tokens_file)).float(), out)
@@ -303,19 +303,19 @@ def _resave(ckpt: str, out: str, *overrides: str) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from nemotron_train.checkpoint import Checkpointer
+    from nemotron_train.checkpoint import Checkpointer, TrainState
     from nemotron_train.config import load_config
-    from nemotron_train.distributed import init_process_groups
+    from nemotron_train.distributed.groups import init_process_groups
     from nemotron_train.models.build import build_model
     from nemotron_train.platform import setup_platform
-    from nemotron_train.training.loop import TrainState
+    from nemotron_train.resolve import resolve_run
     from nemotron_train.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
-    cfg = load_config(Path(ckpt) / "config.yaml", [*overrides, f"checkpoint.dir={out}", "model.spec=local", "optimizer.lr=0", "optimizer.min_lr=0", "optimizer.use_distributed_optimizer=false"])
+    cfg = load_config(Path(ckpt) / "config.yaml", [*overrides, f"checkpoint.dir={out}", "model.spec=local", "optimizer.lr=0", "optimizer.min_lr=0", "optimizer.use_distributed_optimizer=false", "data.source=mock"])
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=None))
     platform = setup_platform()
     pgs = init_process_groups(cfg, platform)
-    model = build_model(cfg, pgs, platform.device_type)
+    model = build_model(resolve_run(cfg, dist.get_world_size(), platform), pgs)
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
     loaded = dist_checkpointing.load({"model": sharded}, str(Path(ckpt) / "iter_0000000"))
     model.load_state_dict(loaded["model"], strict=False)

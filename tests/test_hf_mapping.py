@@ -1,4 +1,4 @@
-"""Unit tests of the HF <-> our checkpoint mapping (nemotron_train/checkpoint/hf.py).
+"""Unit tests of the HF <-> our checkpoint mapping (nemotron_train/hf/mapping.py).
 
 No process groups, no files: the mapping is pure, so it is checked on synthetic tensors
 and against the module names of transformers' own NemotronH.
@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from nemotron_train.checkpoint.hf import (
+from nemotron_train.hf.mapping import (
     HFConversionError,
     from_disk_names,
     from_hf_config,

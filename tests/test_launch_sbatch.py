@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,8 +13,10 @@ from typing import Dict, List
 import pytest
 import yaml
 
-from launch.sbatch import ARM_OVERRIDES, render_job, submit, submit_ablation
+from launch.sbatch import render_job, submit, submit_plan
 from launch.sbatch_script import SbatchOptions, parse_signal, parse_time
+from nemotron_train.ablation.plan import ARMS, build_plan, parse_arms
+from nemotron_train.ablation.runner import PLAN_FILE
 from nemotron_train.cli import main as cli_main
 from nemotron_train.config.loader import ConfigError, load_config
 
@@ -197,29 +200,37 @@ def test_submit_without_sbatch_is_a_clear_error(smoke_job):
         submit(smoke_job.script, 1, env={"PATH": "/nonexistent"})
 
 
-def test_ablation_renders_one_job_per_arm_and_seed(tmp_path):
-    jobs = submit_ablation(SMOKE, ["bf16", "fp8"], [11, 12], cpu_options(workdir=str(tmp_path)),
-                           overrides=[f"run.output_dir={tmp_path / 'abl'}", *FP8_SMOKE], submit_jobs=False)
-    assert [j.job_name for j in jobs] == ["smoke-bf16-s11", "smoke-fp8-s11", "smoke-bf16-s12", "smoke-fp8-s12"]
+def test_ablation_renders_one_job_per_planned_run(tmp_path):
+    plan = build_plan(str(SMOKE), ("bf16", "fp8"), seeds=[11, 12], user_overrides=FP8_SMOKE,
+                      output_root=str(tmp_path / "abl"))
+    jobs = submit_plan(plan, cpu_options(workdir=str(tmp_path)), submit_jobs=False)
+    labels = ["bf16_s0", "fp8_s0", "bf16_s1", "fp8_s1"]
+    assert [r.label for r in plan.runs] == labels  # the plan's runs, in the plan's order
+    assert [j.job_name for j in jobs] == [f"smoke-bf16-vs-fp8-{label}" for label in labels]
     cfgs = [load_config(j.config) for j in jobs]
     assert [c.precision.fp8.enabled for c in cfgs] == [False, True, False, True]
     assert [c.train.seed for c in cfgs] == [11, 11, 12, 12]
-    assert {c.logging.wandb.group for c in cfgs} == {"smoke-ablation"}
-    assert [Path(c.run.output_dir) for c in cfgs] == [tmp_path / "abl" / t for t in ("bf16-s11", "fp8-s11", "bf16-s12", "fp8-s12")]
+    assert {c.logging.wandb.group for c in cfgs} == {"smoke-bf16-vs-fp8"}
+    assert [Path(c.run.output_dir) for c in cfgs] == [tmp_path / "abl" / label for label in labels]
+    assert [str(j.run_dir) for j in jobs] == plan.run_dirs()
     for job, cfg in zip(jobs, cfgs):
         assert job.script == Path(cfg.run.output_dir) / "sbatch" / f"{job.job_name}.sbatch"
         # Apart from precision, the two arms of a seed train the same run.
         assert sbatch_options(job.script.read_text())["job-name"] == job.job_name
+    assert json.loads((tmp_path / "abl" / PLAN_FILE).read_text())["seeds"] == [11, 12]
     a, b = cfgs[0], cfgs[1]
     a.precision.fp8.enabled = b.precision.fp8.enabled = False
     a.run = b.run = None
     assert a == b
 
 
-def test_ablation_rejects_unknown_arms(tmp_path):
-    with pytest.raises(ValueError, match="choose from bf16, fp8"):
-        submit_ablation(SMOKE, ["fp4"], [1], cpu_options(), overrides=[f"run.output_dir={tmp_path}"], submit_jobs=False)
-    assert ARM_OVERRIDES["fp8-delayed"] == ["precision.fp8.enabled=true", "precision.fp8.recipe=delayed"]
+def test_ablation_arms_come_from_the_plan(tmp_path):
+    with pytest.raises(ValueError, match="available: bf16, fp8"):
+        build_plan(str(SMOKE), parse_arms("fp4"), seeds=[1], output_root=str(tmp_path))
+    assert ARMS["fp8-delayed"] == ("precision.fp8.enabled=true", "precision.fp8.recipe=delayed")
+    rc = cli_main(["sbatch", str(SMOKE), "--nodes", "1", "--cpu", "--nproc-per-node", "1", "--time", "01:00:00",
+                   "--arms", "fp4", "--seeds", "1", "--output-root", str(tmp_path)])
+    assert rc == 2
 
 
 def test_ablation_cli_submits_every_job(tmp_path, monkeypatch, capsys):
@@ -227,15 +238,38 @@ def test_ablation_cli_submits_every_job(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", env["PATH"])
     rc = cli_main(["sbatch", str(SMOKE), "--nodes", "1", "--cpu", "--nproc-per-node", "1", "--time", "01:00:00",
                    "--arms", "bf16,fp8", "--seeds", "5", "--group", "g1", "--submit", "--chain", "2",
-                   f"run.output_dir={tmp_path / 'a'}", *FP8_SMOKE])
+                   "--output-root", str(tmp_path / "a"), *FP8_SMOKE])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
     assert [line for line in out if line.startswith("submitted")] == [
-        "submitted smoke-bf16-s5: job 1001", "submitted smoke-bf16-s5: job 1002",
-        "submitted smoke-fp8-s5: job 1003", "submitted smoke-fp8-s5: job 1004",
+        "submitted g1-bf16_s0: job 1001", "submitted g1-bf16_s0: job 1002",
+        "submitted g1-fp8_s0: job 1003", "submitted g1-fp8_s0: job 1004",
     ]
     snap = yaml.safe_load(Path(re.search(r"^CONFIG=(.*)$", Path(out[0]).read_text(), re.M).group(1)).read_text())
-    assert snap["logging"]["wandb"]["group"] == "g1"
+    assert snap["logging"]["wandb"]["group"] == "g1" and snap["train"]["seed"] == 5
+    assert snap["run"]["output_dir"] == str(tmp_path / "a" / "bf16_s0")
+
+
+def test_ablate_slurm_renders_the_same_jobs_as_sbatch_arms(tmp_path, capsys):
+    """`ablate --slurm` and `sbatch --arms` are one code path: the same plan, options and scripts."""
+    common = ["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--time", "01:00:00", "--chain", "3", *FP8_SMOKE]
+    assert cli_main(["ablate", str(SMOKE), "--arms", "bf16,fp8", "--slurm", "--dry-run", "--name", "x",
+                     "--output-root", str(tmp_path / "abl"), *common]) == 0
+    out = capsys.readouterr().out.splitlines()
+    scripts = [Path(line) for line in out if line.endswith(".sbatch")]
+    assert scripts == [tmp_path / "abl" / label / "sbatch" / f"x-{label}.sbatch" for label in ("bf16_s0", "fp8_s0")]
+    assert not any(line.startswith("submitted") for line in out) and "rendered 2 runs of x" in out[-2]
+    via_ablate = [sbatch_options(p.read_text()) for p in scripts]
+    assert cli_main(["sbatch", str(SMOKE), "--arms", "bf16,fp8", "--seeds", str(load_config(SMOKE).train.seed),
+                     "--name", "x", "--output-root", str(tmp_path / "abl"), *common]) == 0
+    assert [sbatch_options(p.read_text()) for p in scripts] == via_ablate
+    assert via_ablate[0]["dependency"] == "singleton" and via_ablate[1]["job-name"] == "x-fp8_s0"
+    # Missing or stray SLURM options are named.
+    assert cli_main(["ablate", str(SMOKE), "--slurm", "--cpu", "--nproc-per-node", "1", *FP8_SMOKE,
+                     "--output-root", str(tmp_path / "b")]) == 2
+    assert "needs --nodes N and --time HH:MM:SS" in capsys.readouterr().err
+    assert cli_main(["ablate", str(SMOKE), "--dry-run", "--partition", "batch", "--output-root", str(tmp_path / "c")]) == 2
+    assert "--partition: SLURM options, used only with --slurm" in capsys.readouterr().err
 
 
 def _slurm_templates() -> List[Path]:

@@ -23,8 +23,8 @@ import pytest
 
 from launch.sbatch import render_job
 from launch.sbatch_script import SbatchOptions
-from launch.slurm_env import rendezvous_port
 from nemotron_train.config.loader import load_config
+from nemotron_train.distributed.slurm import rendezvous_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm_env import (
+from nemotron_train.distributed.slurm import (
     RDZV_PORT_BASE,
     RDZV_PORT_SPAN,
     expand_hostlist,

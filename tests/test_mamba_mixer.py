@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import init_megatron_parallel, run_distributed, single_process_group
-from nemotron_train.models.ssd import causal_conv1d_ref, gated_rms_norm_ref, ssd_naive_ref
+from nemotron_train.models.ssd import causal_conv1d_ref, gated_rms_norm_ref, ssd_chunked_ref
 
 # Small but with every axis non-trivial: 8 heads of 4 in 2 groups, state 6, ragged chunks.
 DIMS = dict(d_model=32, nheads=8, headdim=4, ngroups=2, dstate=6, chunk=8)
@@ -65,7 +65,7 @@ def reference_forward(w: dict, x_LBD, *, rmsnorm=True, headdim=DIMS["headdim"]):
     x, B, C = xBC.transpose(1, 2).split([D_INNER, GN, GN], dim=-1)
     b, l = x.shape[:2]
     D = w["D"].view(DIMS["nheads"], -1)
-    y = ssd_naive_ref(
+    y = ssd_chunked_ref(
         x.reshape(b, l, -1, headdim), F.softplus(dt + w["dt_bias"]), -torch.exp(w["A_log"]),
         B.reshape(b, l, DIMS["ngroups"], -1), C.reshape(b, l, DIMS["ngroups"], -1), D_H=D,
     ).reshape(b, l, -1)

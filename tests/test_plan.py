@@ -12,7 +12,7 @@ import pytest
 
 from nemotron_train import cli
 from nemotron_train.config.loader import load_config
-from nemotron_train.plan import compute_plan
+from nemotron_train.models.cost import compute_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMOKE = str(CONFIGS / "smoke.yaml")
@@ -24,7 +24,7 @@ GIB = 1024**3
 def _only_plan_command(monkeypatch: pytest.MonkeyPatch) -> None:
     # Exercise the real main() with only the command under test registered, so the test does
     # not depend on (or pay the import cost of) the other subcommands.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["nemotron_train.plan"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["nemotron_train.commands.plan"])
     for var in ("NEMOTRON_DATA", "NEMOTRON_TOKENIZER", "NEMOTRON_RUNS"):
         monkeypatch.delenv(var, raising=False)
 

@@ -12,8 +12,8 @@ import yaml
 from nemotron_train.config.loader import load_config
 from nemotron_train.config.schema import ModelConfig
 from nemotron_train.config.validate import validate_config
-from nemotron_train.models.pattern import layer_types, split_stages
-from nemotron_train.plan import compute_plan
+from nemotron_train.config.pattern import layer_types, split_stages
+from nemotron_train.models.cost import compute_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))

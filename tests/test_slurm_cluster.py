@@ -2,7 +2,7 @@
 the `slurm_cluster` fixture), with a stand-in trainer that obeys the graceful-stop contract.
 
 What is real here: sbatch/srun/scancel, the batch script, the trap, srun's signal
-forwarding, torchrun's c10d rendezvous and launch.slurm_env's rank mapping, two gloo ranks
+forwarding, torchrun's c10d rendezvous and launch.slurm_env's rank mapping (nemotron_train.distributed.slurm), two gloo ranks
 agreeing through should_exit, singleton chains and exit codes. Only the model is not:
 test_slurm_e2e.py runs the same jobs with the real trainer.
 """

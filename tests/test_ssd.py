@@ -14,7 +14,7 @@ from nemotron_train.models.ssd import (
     gated_rms_norm_ref,
     segsum_stable,
     ssd_chunked,
-    ssd_naive_ref,
+    ssd_chunked_ref,
 )
 
 F64 = torch.float64
@@ -39,7 +39,7 @@ def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dt_scale=1.0
 
 def run_both(inputs, chunk_size, **kw):
     y, final = ssd_chunked(**inputs, chunk_size=chunk_size, return_final_states=True, **kw)
-    y_ref, final_ref = ssd_naive_ref(**inputs, return_final_states=True)
+    y_ref, final_ref = ssd_chunked_ref(**inputs, return_final_states=True)
     return (y, final), (y_ref, final_ref)
 
 
@@ -93,7 +93,7 @@ def test_gradients_match_recurrence(decay_regime, d_shape):
     gy = torch.randn(2, 29, 6, 4, generator=g, dtype=F64)
     gfinal = torch.randn(2, 6, 4, 5, generator=g, dtype=F64)
     chunked = lambda **kw: ssd_chunked(**kw, chunk_size=8, return_final_states=True)  # noqa: E731
-    naive = lambda **kw: ssd_naive_ref(**kw, return_final_states=True)  # noqa: E731
+    naive = lambda **kw: ssd_chunked_ref(**kw, return_final_states=True)  # noqa: E731
     y, final, grads = _grads(chunked, inputs, gy, gfinal)
     y_ref, final_ref, grads_ref = _grads(naive, inputs, gy, gfinal)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -132,7 +132,7 @@ def test_wide_decays_stay_finite_in_float32():
     y = ssd_chunked(**leaves, chunk_size=32)
     y.square().sum().backward()
     assert all(torch.isfinite(v.grad).all() for v in leaves.values())
-    y_ref = ssd_naive_ref(**{k: v.double() for k, v in inputs.items()})
+    y_ref = ssd_chunked_ref(**{k: v.double() for k, v in inputs.items()})
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
 
 

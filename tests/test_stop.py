@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.signals import (
+from nemotron_train.training.stop import (
     EXIT_CODE_DONE,
     EXIT_CODE_RESUMABLE,
     ExitSignalHandler,
@@ -106,7 +106,7 @@ def test_should_exit_single_process():
 _CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from launch.signals import ExitSignalHandler, should_exit, resumable_exit_code
+    from nemotron_train.training.stop import ExitSignalHandler, should_exit, resumable_exit_code
     handler = ExitSignalHandler()
     print("ready", flush=True)
     start = time.time()
@@ -141,7 +141,7 @@ _EXITING = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
     atexit.register(late_signal)
-    from launch.signals import ExitSignalHandler
+    from nemotron_train.training.stop import ExitSignalHandler
     handler = ExitSignalHandler()
     sys.exit(0)
     """
@@ -190,7 +190,7 @@ _RANK = textwrap.dedent(
     """
     import json, os, signal, sys, time
     import torch.distributed as dist
-    from launch.signals import ExitSignalHandler, should_exit
+    from nemotron_train.training.stop import ExitSignalHandler, should_exit
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     handler = ExitSignalHandler()

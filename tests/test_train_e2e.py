@@ -145,3 +145,47 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
                  "data.tokenizer.type=byte", "model.vocab_size=512", expect_ok=False, timeout=120)
     assert proc.returncode != 0
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- user errors under torchrun
+
+
+def assert_one_user_error_under_torchrun(proc, needle: str) -> None:
+    """Our message once (rank 0's), naming `needle`; the ranks exit 2. torchrun itself exits 1
+    and prints its own failure summary, but no frame of ours appears."""
+    ours = [line for line in proc.stderr.splitlines() if "nemotron-train train: error:" in line]
+    assert len(ours) == 1 and needle in proc.stderr.split("nemotron-train train: error:")[1], proc.stderr[-4000:]
+    assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File ") and "nemotron_train" in line]
+
+
+def _tracker(out: Path) -> Path:
+    return out / "checkpoints" / "latest_checkpointed_iteration.txt"
+
+
+def _corrupt_tracker(out: Path) -> list:
+    _tracker(out).parent.mkdir(parents=True)
+    _tracker(out).write_text("not-a-number\n")
+    return []
+
+
+def _missing_dataset(out: Path) -> list:
+    missing = out.parent / "nope" / "corpus_text_document"
+    return ["data.source=blend", f"data.blend=[{{path: {missing}, weight: 1.0}}]", "data.tokenizer.type=byte",
+            "model.vocab_size=512"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, prepare, needle", [
+    ("fp8_te_on_cpu", lambda out: ["precision.fp8.enabled=true", "precision.fp8.backend=te"], "precision.fp8.backend"),
+    ("missing_dataset", _missing_dataset, "nope/corpus_text_document"),
+    ("corrupt_tracker", _corrupt_tracker, "latest_checkpointed_iteration.txt"),
+])
+def test_user_errors_under_torchrun_are_one_message_and_exit_code_2(tmp_path, case, prepare, needle):
+    # (A checkpoint of another model under torchrun: test_checkpoint_e2e.py, which has one.)
+    out = tmp_path / case
+    extra = prepare(out)
+    proc = train(out, "parallel.tp=2", "parallel.sp=true", *extra, torchrun_nproc=2, expect_ok=False, timeout=180)
+    assert_one_user_error_under_torchrun(proc, needle)
+    if case == "fp8_te_on_cpu":  # refused before any model: the trainer never wrote its config
+        assert not (out / "config.yaml").exists()

@@ -9,7 +9,7 @@ import pytest
 
 from nemotron_train.config.loader import ConfigError, load_config
 from nemotron_train.config.validate import mamba_in_proj_width, validate_config
-from nemotron_train.models.pattern import (
+from nemotron_train.config.pattern import (
     balanced_stage_sizes,
     layer_types,
     split_stages,

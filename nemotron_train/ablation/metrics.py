@@ -18,10 +18,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from nemotron_train import rundir
 from nemotron_train.config.loader import ConfigError
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
 # Fraction of the logged training steps averaged into the "tail loss" (single-step losses
 # are too noisy to compare arms on).
 TAIL_FRACTION = 0.1
@@ -75,9 +74,9 @@ def _finite(x: Any) -> bool:
 def read_run(run_dir: str | Path, label: Optional[str] = None) -> RunMetrics:
     """Load one run directory; ConfigError if it has no metrics.jsonl."""
     path = Path(run_dir)
-    metrics = path / METRICS_FILE
+    metrics = rundir.metrics_file(path)
     if not metrics.is_file():
-        raise ConfigError(f"{path}: no {METRICS_FILE} (is it a run's run.output_dir, and did training log a step?)")
+        raise ConfigError(f"{path}: no {rundir.METRICS_FILE} (is it a run's run.output_dir, and did training log a step?)")
     train: Dict[int, Dict[str, Any]] = {}
     val: Dict[int, Dict[str, Any]] = {}
     skipped = 0
@@ -95,7 +94,7 @@ def read_run(run_dir: str | Path, label: Optional[str] = None) -> RunMetrics:
         if "val_loss" in record:
             val[step] = record
     run = RunMetrics(label or path.name, path, [train[s] for s in sorted(train)], [val[s] for s in sorted(val)], skipped)
-    config = path / CONFIG_FILE
+    config = rundir.config_file(path)
     if config.is_file():
         try:
             loaded = yaml.safe_load(config.read_text())

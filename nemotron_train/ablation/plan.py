@@ -1,11 +1,18 @@
 """An ablation as data: which training runs, with which overrides, in which directories.
 
-Every arm at seed index k gets the same `train.seed` (base seed + k), which fixes both the
-initial weights and the data order, so arms differ only in what the arm itself sets. The
-base seed is the config's `train.seed` after the user's overrides.
+The one plan of runs behind both front doors: `nemotron-train ablate` trains it here (or
+submits it with --slurm) and `nemotron-train sbatch --arms/--seeds` renders one batch job
+per planned run. Both take the arms, the seeds, the run names and the run directories from
+here.
+
+Every arm at seed index k gets the same `train.seed`, which fixes both the initial weights
+and the data order, so arms differ only in what the arm itself sets. The seeds are either
+a count K (base seed + k for k < K, the base seed being the config's `train.seed` after the
+user's overrides) or explicit `train.seed` values.
 
 Arms (see ARMS) toggle `precision.fp8.*`; the `bf16` arm turns FP8 off and otherwise keeps
-`precision.params_dtype` (fp32 on the CPU configs, where "bf16" means "no FP8").
+`precision.params_dtype` (fp32 on the CPU configs, where "bf16" means "no FP8"). There is
+one `fp8-<recipe>` arm per FP8 recipe of the config schema.
 """
 
 from __future__ import annotations
@@ -14,17 +21,17 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from nemotron_train.config.loader import ConfigError, load_config
+from nemotron_train.config.loader import load_config
+from nemotron_train.config.schema import FP8RecipeName, choices
+from nemotron_train.errors import ConfigError
 
+# Arm name -> the overrides that make it; the recipe arms follow the schema's FP8 recipes.
 ARMS: Dict[str, Tuple[str, ...]] = {
     "bf16": ("precision.fp8.enabled=false",),
     "fp8": ("precision.fp8.enabled=true",),  # the config's own FP8 recipe
-    "fp8-tensorwise": ("precision.fp8.enabled=true", "precision.fp8.recipe=tensorwise"),
-    "fp8-delayed": ("precision.fp8.enabled=true", "precision.fp8.recipe=delayed"),
-    "fp8-mxfp8": ("precision.fp8.enabled=true", "precision.fp8.recipe=mxfp8"),
-    "fp8-blockwise": ("precision.fp8.enabled=true", "precision.fp8.recipe=blockwise"),
+    **{f"fp8-{r}": ("precision.fp8.enabled=true", f"precision.fp8.recipe={r}") for r in choices(FP8RecipeName)},
 }
 # Keys every run sets itself; a user override of one would be silently overwritten.
 OWNED_KEYS = ("run.output_dir", "run.name", "logging.wandb.group")
@@ -50,17 +57,22 @@ class AblationRun:
 
 @dataclass(frozen=True)
 class AblationPlan:
-    name: str
+    name: str  # the wandb group (logging.wandb.group) and the output root's directory name
     config: str
     output_root: str
     arms: Tuple[str, ...]
-    seeds: int
+    seeds: Tuple[int, ...]  # train.seed of each seed index
     base_seed: int
     user_overrides: Tuple[str, ...]
     runs: Tuple[AblationRun, ...] = field(default_factory=tuple)
 
     def run_dirs(self) -> List[str]:
         return [r.output_dir for r in self.runs]
+
+    def job_name(self, run: AblationRun, prefix: Optional[str] = None) -> str:
+        """Scheduler job name of a run: `<prefix or plan name>-<run label>`, unique per run
+        (a SLURM chain's singleton dependency runs same-name jobs one after another)."""
+        return f"{prefix or self.name}-{run.label}"
 
 
 def run_label(arm: str, seed_index: int) -> str:
@@ -78,6 +90,24 @@ def parse_arms(text: str) -> Tuple[str, ...]:
     if len(set(arms)) != len(arms):
         raise ConfigError(f"--arms {text!r} lists an arm twice; each arm runs once per seed")
     return arms
+
+
+SeedSpec = Union[int, Sequence[int]]
+
+
+def resolve_seeds(seeds: SeedSpec, base_seed: int) -> Tuple[int, ...]:
+    """`train.seed` of each seed index: a count K gives base_seed .. base_seed + K - 1; a
+    sequence gives its values (e.g. `nemotron-train sbatch --seeds 1234,1235`)."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"--seeds {seeds}: run at least one seed per arm")
+        return tuple(base_seed + k for k in range(seeds))
+    values = tuple(int(s) for s in seeds)
+    if not values:
+        raise ConfigError("--seeds: give at least one train.seed value per arm")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--seeds {','.join(map(str, values))} lists a seed twice; each seed runs once per arm")
+    return values
 
 
 def _override_key(item: str) -> str:
@@ -103,7 +133,7 @@ def default_name(run_name: str, arms: Sequence[str]) -> str:
 def build_plan(
     config: str,
     arms: Sequence[str],
-    seeds: int = 1,
+    seeds: SeedSpec = 1,
     user_overrides: Sequence[str] = (),
     name: Optional[str] = None,
     output_root: Optional[str] = None,
@@ -111,32 +141,31 @@ def build_plan(
 ) -> AblationPlan:
     """Resolve the config once, then derive and validate every run's overrides and command.
 
-    Raises ConfigError for a bad arm list, seed count, name, clashing override, or a run
-    config that does not load (so nothing starts if any arm would fail to parse)."""
+    `seeds` is a count or the train.seed values (see `resolve_seeds`). Raises ConfigError
+    for a bad arm list, seed list, name, clashing override, or a run config that does not
+    load (so nothing starts if any arm would fail to parse)."""
     arms = tuple(arms)
-    if seeds < 1:
-        raise ConfigError(f"--seeds {seeds}: run at least one seed per arm")
     _check_user_overrides(user_overrides, arms)
     cfg = load_config(config, list(user_overrides))
     name = name or default_name(cfg.run.name, arms)
     if not _NAME_RE.match(name):
         raise ConfigError(f"ablation name {name!r}: use letters, digits, '.', '_' and '-' (it names a directory)")
     root = Path(output_root) if output_root else Path(cfg.run.output_dir).parent / name
-    base_seed = cfg.train.seed
+    seed_values = resolve_seeds(seeds, cfg.train.seed)
     runs = []
-    for k in range(seeds):
+    for k, seed in enumerate(seed_values):
         for arm in arms:
             label = run_label(arm, k)
             out = str(root / label)
             overrides = (
                 *user_overrides,
                 *ARMS[arm],
-                f"train.seed={base_seed + k}",
+                f"train.seed={seed}",
                 f"run.output_dir={out}",
                 f"run.name={label}",
                 f"logging.wandb.group={name}",
             )
             run_cfg = load_config(config, list(overrides))  # fail before anything starts
             command = (python, "-m", "nemotron_train", "train", config, *overrides)
-            runs.append(AblationRun(arm, k, base_seed + k, out, overrides, command, run_cfg.train.steps))
-    return AblationPlan(name, config, str(root), arms, seeds, base_seed, tuple(user_overrides), tuple(runs))
+            runs.append(AblationRun(arm, k, seed, out, overrides, command, run_cfg.train.steps))
+    return AblationPlan(name, config, str(root), arms, seed_values, seed_values[0], tuple(user_overrides), tuple(runs))

@@ -1,29 +1,32 @@
-"""Running an AblationPlan: locally (one training subprocess after another) or via SLURM."""
+"""Running an AblationPlan locally: one training subprocess after another.
+
+On SLURM the same plan is rendered and submitted by the `sbatch` front door
+(`launch.sbatch.submit_plan`, reached through `nemotron-train ablate --slurm` or
+`nemotron-train sbatch --arms`); this library does not know about schedulers.
+"""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
-from nemotron_train.ablation.metrics import METRICS_FILE
+from nemotron_train import rundir
 from nemotron_train.ablation.plan import AblationPlan, AblationRun
-from nemotron_train.config.loader import ConfigError
+from nemotron_train.rundir import PathLike, summary_file
 
 PLAN_FILE = "ablation.json"
-# Written by the trainer when it stops: {"steps": N, "stopped_early": reason or null, ...}.
-FINISHED_MARKER = "summary.json"
 
 Runner = Callable[[List[str]], Any]  # returns an object with .returncode (subprocess.run)
 
 
-def write_plan(plan: AblationPlan) -> Path:
-    """Record the plan (commands, seeds) next to the runs, for reproducing them."""
-    root = Path(plan.output_root)
+def write_plan(plan: AblationPlan, root: Optional[PathLike] = None) -> Path:
+    """Record the plan (commands, seeds) next to the runs, for reproducing them: in
+    `root`, default `plan.output_root` (relative paths from the current directory)."""
+    root = Path(plan.output_root if root is None else root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / PLAN_FILE
     path.write_text(json.dumps(asdict(plan), indent=2) + "\n")
@@ -31,9 +34,11 @@ def write_plan(plan: AblationPlan) -> Path:
 
 
 def is_finished(run: AblationRun) -> bool:
-    """The trainer's summary says the run reached its step count without stopping early."""
+    """The trainer's summary says the run reached its step count without stopping early.
+
+    The trainer writes `summary.json` when it stops: {"steps": N, "stopped_early": reason or null, ...}."""
     try:
-        summary = json.loads((Path(run.output_dir) / FINISHED_MARKER).read_text())
+        summary = json.loads(summary_file(run.output_dir).read_text())
     except (OSError, ValueError):
         return False
     if not isinstance(summary, dict) or summary.get("stopped_early"):
@@ -72,23 +77,4 @@ def run_plan(
 
 
 def runs_with_metrics(plan: AblationPlan) -> List[str]:
-    return [d for d in plan.run_dirs() if (Path(d) / METRICS_FILE).is_file()]
-
-
-def submit_slurm(plan: AblationPlan) -> Any:
-    """Hand the plan to `launch.sbatch.submit_ablation(plan)` (an optional component)."""
-    try:
-        module = importlib.import_module("launch.sbatch")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("launch", "launch.sbatch"):
-            raise  # a real missing dependency of the launcher, not an absent launcher
-        module = None
-    submit = getattr(module, "submit_ablation", None)
-    if submit is None:
-        raise ConfigError(
-            "--slurm: this installation has no SLURM ablation launcher (launch.sbatch.submit_ablation). "
-            "Run without --slurm to train the arms here one after another, or use --dry-run to print "
-            "each run's command and submit them yourself"
-        )
-    write_plan(plan)
-    return submit(plan)
+    return [d for d in plan.run_dirs() if rundir.metrics_file(d).is_file()]

@@ -1,12 +1,19 @@
-"""Checkpoints: sharded save/resume (manager), Hugging Face interop (hf, convert), scoring.
+"""Run checkpoints: the on-disk layout (layout), sharded save/resume (manager) and the
+megatron-core 0.16 optimizer workarounds (mcore_fixes). Hugging Face interop is
+`nemotron_train.hf`.
 
-Names resolve lazily so that importing the package (the CLI does, to register its commands)
-does not import megatron-core.
+Names resolve lazily so that importing the package does not import megatron-core.
 """
 
 from importlib import import_module
 
-_LAZY = {"Checkpointer": "manager", "CheckpointError": "manager", "read_tracker": "manager"}
+_LAZY = {
+    "Checkpointer": "manager",
+    "TrainState": "manager",
+    "install_mcore_fixes": "mcore_fixes",
+    "locate_checkpoint": "layout",
+    "read_tracker": "layout",
+}
 
 __all__ = list(_LAZY)
 

@@ -1,29 +1,26 @@
-"""Sharded, reshardable checkpoints with an atomic commit.
+"""Sharded, reshardable checkpoints: the `Checkpointer` (save, load, resume, async, prune)
+and the `TrainState` it saves and restores.
 
-Layout under `checkpoint.dir` (default `<run.output_dir>/checkpoints`):
-
-    iter_0000100/                      megatron-core dist_checkpointing (torch_dist)
-        nemotron_train.json            step, data position, resolved config
-    latest_checkpointed_iteration.txt  the tracker
-
-A save writes into `iter_0000100.incomplete/`; only after every rank has finished writing
-does rank 0 rename it to `iter_0000100/` and replace the tracker atomically (temp file,
-fsync, rename). A crash at any point leaves the previous checkpoint and tracker intact;
-the next run reports the leftover `.incomplete` directory and resumes from the tracker.
+The on-disk layout (iteration directories, tracker, metadata, the staged commit) is
+layout.py's. A save writes into `iter_XXXXXXX.incomplete/`; only after every rank has
+finished writing does rank 0 commit it (metadata, rename, tracker; all fsync'd). A crash at
+any point leaves the previous checkpoint and tracker intact; the next run reports the
+leftover `.incomplete` directory and resumes from the tracker.
 
 Optimizer state is saved per parameter in model space (`fully_reshardable`), so a
 run can resume with different TP, PP or DP sizes; layer keys are global (see stack.py), so
-PP changes work for Mamba layers too.
+PP changes work for Mamba layers too. The megatron-core 0.16 optimizer workarounds are in
+mcore_fixes.py (`install_mcore_fixes()` is called at setup, not here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -33,43 +30,24 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from nemotron_train import rundir
+from nemotron_train.checkpoint import layout
+from nemotron_train.checkpoint.mcore_fixes import materialize_optimizer_state, unshare_step_tensors
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.errors import CheckpointError
 
-TRACKER = "latest_checkpointed_iteration.txt"
-META = "nemotron_train.json"
-INCOMPLETE = ".incomplete"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that must match for a checkpoint to load (the rest may change on resume).
 ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "spec", "init_method_std")]
 
 
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/scheduler that a resumed run needs."""
 
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read_tracker(ckpt_root: Path) -> Optional[int]:
-    tracker = ckpt_root / TRACKER
-    if not tracker.exists():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}; delete it or fix it by hand")
-    return int(text)
+    step: int = 0
+    consumed_samples: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def _arch_value(model: Dict[str, Any], key: str) -> Any:
@@ -111,75 +89,13 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _torch_optimizers(optimizer):
-    """The torch optimizers inside an mcore (possibly chained) optimizer."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None:
-            yield inner
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give an unstepped torch optimizer its per-parameter state before a load.
-
-    Without apex/TE, mcore wraps torch's AdamW, whose state (and `step`) only exists after a
-    first step; mcore's checkpoint mapping reads it while building the load plan. A step with
-    zero gradients and lr 0 creates it without changing any parameter; the load overwrites it."""
-    for inner in _torch_optimizers(optimizer):
-        if len(inner.state) > 0:
-            continue
-        lrs = [group["lr"] for group in inner.param_groups]
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
-        inner.step()
-        inner.zero_grad(set_to_none=True)
-        for group, lr in zip(inner.param_groups, lrs):
-            group["lr"] = lr
-
-
-def _unshare_step_tensors(optimizer) -> None:
-    """mcore hands one `step` tensor to every parameter's torch-AdamW state on load; AdamW
-    then increments the shared tensor once per parameter per step, which breaks bias
-    correction. Give each parameter its own copy."""
-    for inner in _torch_optimizers(optimizer):
-        for state in inner.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
-def _patch_torch_adam_state_load() -> None:
-    """mcore 0.16 copies every inner-state key of a parameter from the loaded checkpoint,
-    including torch AdamW's `step`, which its reshardable format does not store (it keeps
-    `step` in the param groups and restores it separately). Copy only the stored keys."""
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    if dopt.HAVE_APEX_OR_TE or getattr(dopt.DistributedOptimizer, "_nemotron_patched", False):
-        return
-    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return original(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        dst = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            dst[key].copy_(value)
-
-    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-    dopt.DistributedOptimizer._nemotron_patched = True
-
-
 class Checkpointer:
     def __init__(self, cfg: Config, pgs, is_logging_rank: bool):
         self.cfg = cfg
         self.pgs = pgs
         self.is_logging_rank = is_logging_rank
-        self.root = Path(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
+        self.root = rundir.checkpoint_dir(cfg.run.output_dir, cfg.checkpoint.dir)
         self._queue = None
-        _patch_torch_adam_state_load()
 
     # ------------------------------------------------------------------ state dicts
 
@@ -209,20 +125,18 @@ class Checkpointer:
 
         With `checkpoint.async_save` the shards are written by a background process while
         training continues, and the commit runs from `maybe_finalize()` on a later step."""
-        final = self.root / iter_dir_name(state.step)
+        final = layout.iter_dir(self.root, state.step)
         if final.exists():
             return final  # already saved this step (e.g. interval and end coincide)
         self.maybe_finalize(blocking=True)  # one save in flight at a time
-        staging = final.with_name(final.name + INCOMPLETE)
+        staging = layout.staging_dir(final)
         if self.is_logging_rank:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
+            layout.fresh_staging_dir(final)
         dist.barrier()
-        _materialize_optimizer_state(optimizer)  # a save before the first step needs it too
+        materialize_optimizer_state(optimizer)  # a save before the first step needs it too
         sd = self._sharded_state_dict(model, optimizer, scheduler, state, is_loading=False)
-        meta = {"step": state.step, "consumed_samples": state.consumed_samples, "config": dataclasses.asdict(self.cfg)}
-        commit = partial(self._commit, staging, final, meta)
+        meta = layout.make_meta(state.step, state.consumed_samples, dataclasses.asdict(self.cfg))
+        commit = partial(self._commit, staging, meta)
         if self.cfg.checkpoint.async_save:
             request = dist_checkpointing.save(sd, str(staging), async_sharded_save=True)
             request.add_finalize_fn(commit)
@@ -234,16 +148,14 @@ class Checkpointer:
             dist.barrier()
         return final
 
-    def _commit(self, staging: Path, final: Path, meta: Dict[str, Any]) -> None:
+    def _commit(self, staging: Path, meta: Dict[str, Any]) -> None:
         """Runs on every rank after all shards are on disk; rank 0 publishes the checkpoint."""
         if not self.is_logging_rank:
             return
         delay = float(os.environ.get("NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S", "0"))
         if delay:  # fault-injection window for crash-safety tests
             time.sleep(delay)
-        _fsync_write(staging / META, json.dumps(meta, indent=1))
-        os.replace(staging, final)
-        _fsync_write(self.root / TRACKER, str(meta["step"]))
+        final = layout.commit(self.root, staging, meta)
         self._prune()
         print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
 
@@ -261,7 +173,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last
-        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(INCOMPLETE))
+        done = layout.complete_iterations(self.root)
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -278,28 +190,28 @@ class Checkpointer:
     def find_resume_dir(self) -> Optional[Path]:
         # A run's own checkpoints win over `checkpoint.load` (the starting point), so a
         # restarted run continues instead of going back to where it started.
-        own = self.cfg.checkpoint.resume and (self.root / TRACKER).exists()
+        own = self.cfg.checkpoint.resume and layout.has_tracker(self.root)
         root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load and not own else self.root
         if root != self.root and not root.exists():
             raise CheckpointError(f"checkpoint.load={root}: no such directory")
-        incomplete = sorted(root.glob(f"iter_*{INCOMPLETE}")) if root.exists() else []
+        incomplete = layout.incomplete_iterations(root)
         if incomplete and self.is_logging_rank:
             names = ", ".join(p.name for p in incomplete)
             print(f"warning: ignoring incomplete checkpoint(s) in {root}: {names} (an interrupted save)", file=sys.stderr)
-        step = read_tracker(root)
+        step = layout.read_tracker(root)
         if step is None:
             if self.cfg.checkpoint.load and root != self.root:
-                raise CheckpointError(f"checkpoint.load={root}: no {TRACKER}; is this a checkpoint directory?")
+                raise CheckpointError(f"checkpoint.load={root}: no {layout.TRACKER}; is this a checkpoint directory?")
             return None
-        path = root / iter_dir_name(step)
-        if not (path / META).exists():
-            raise CheckpointError(f"{root / TRACKER} points to {path}, which is missing or incomplete; restore it or delete the tracker")
+        path = layout.iter_dir(root, step)
+        if not layout.is_iteration_dir(path):
+            raise CheckpointError(
+                f"{layout.tracker_file(root)} points to {path}, which is missing or incomplete; restore it or delete the tracker"
+            )
         return path
 
     def _load_model_only(self, path: Path, model, optimizer):
         """A starting point without optimizer state (e.g. `import-hf`): weights only, step 0."""
-        from nemotron_train.training.loop import TrainState
-
         target = model.module if hasattr(model, "module") else model
         model_sd = {k: v for k, v in target.sharded_state_dict().items() if not k.endswith("_extra_state")}
         loaded = dist_checkpointing.load({"model": model_sd}, str(path))
@@ -313,21 +225,19 @@ class Checkpointer:
             print(f"initialised weights from {path} (model only; optimizer and schedule start fresh)", file=sys.stderr)
         return TrainState()
 
-    def load_latest(self, model, optimizer, scheduler):
-        from nemotron_train.training.loop import TrainState
-
+    def load_latest(self, model, optimizer, scheduler) -> Optional[TrainState]:
         if not self.cfg.checkpoint.resume and not self.cfg.checkpoint.load:
             return None
         path = self.find_resume_dir()
         if path is None:
             return None
-        meta = json.loads((path / META).read_text())
+        meta = layout.read_meta(path)
         check_architecture(meta["config"]["model"], self.cfg.model, path)
-        if meta.get("model_only"):
+        if layout.is_model_only(meta):
             return self._load_model_only(path, model, optimizer)
         saved_par = meta["config"]["parallel"]
         same_layout = saved_par["tp"] == self.cfg.parallel.tp and saved_par["pp"] == self.cfg.parallel.pp
-        _materialize_optimizer_state(optimizer)
+        materialize_optimizer_state(optimizer)
         sd = self._sharded_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
         if not same_layout or meta["config"]["launch"] != dataclasses.asdict(self.cfg.launch):
             sd.pop("rng_state")  # another layout has other ranks; the seed-derived state stands
@@ -335,7 +245,7 @@ class Checkpointer:
         target = model.module if hasattr(model, "module") else model
         target.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_step_tensors(optimizer)
+        unshare_step_tensors(optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:
             _set_rng_state(loaded["rng_state"])

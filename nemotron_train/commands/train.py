@@ -1,8 +1,9 @@
 """`nemotron-train train CONFIG [key=value ...]`.
 
-Under torchrun (or SLURM-mapped env) each process is one rank. Run on its own, the command
-checks the launch (config, ranks vs layout, port, data files) and then starts
-`launch.nproc_per_node` local ranks through torchrun itself.
+Under torchrun (or SLURM-mapped env) each process is one rank: it resolves the run once
+(validation, spec, FP8 backend and checks) before any process group or weight exists. Run on
+its own, the command resolves the run for `launch.nproc_per_node` ranks, checks the data
+files and the port, and then starts the local ranks through torchrun itself.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import argparse
 import os
 import socket
 import sys
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from nemotron_train.config import ConfigError, load_config
 from nemotron_train.config.schema import Config
-from nemotron_train.config.validate import validate_config
+
+if TYPE_CHECKING:  # the command line starts without torch: resolve is imported when a command runs
+    from nemotron_train.resolve import ResolvedRun
 
 
 def register(subparsers) -> None:
@@ -47,34 +50,33 @@ def _check_port(cfg: Config) -> None:
             ) from None
 
 
-def preflight(cfg: Config, world_size: int) -> None:
+def preflight(cfg: Config, world_size: int) -> "ResolvedRun":
     """Everything that can be checked before any rank starts."""
-    validate_config(cfg, world_size)
-    if cfg.precision.fp8.enabled:
-        from nemotron_train.fp8 import check_fp8_config, device_capability, resolve_backend
-        from nemotron_train.platform import detect_platform
+    from nemotron_train.resolve import resolve_run
 
-        device_type = detect_platform().device_type
-        check_fp8_config(cfg, resolve_backend(cfg, device_type), device_capability(device_type))
+    run = resolve_run(cfg, world_size)
     from nemotron_train.data import check_data_config
 
     check_data_config(cfg)
+    return run
 
 
 def main(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
     if _under_launcher():
-        return _run_rank(cfg)
+        from nemotron_train.resolve import resolve_run
+
+        return _run_rank(resolve_run(cfg, int(os.environ["WORLD_SIZE"])))
     nproc = cfg.launch.nproc_per_node
     if cfg.launch.nnodes != 1:
         raise ConfigError(
             f"launch.nnodes={cfg.launch.nnodes}: multi-node runs start through torchrun or SLURM "
             "(see `nemotron-train sbatch`); run this command under torchrun on each node"
         )
-    preflight(cfg, nproc)
+    run = preflight(cfg, nproc)
     if nproc == 1:
-        return _run_rank(cfg)
+        return _run_rank(run)
     _check_port(cfg)
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -95,15 +97,13 @@ def main(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _run_rank(cfg: Config) -> int:
-    from launch.signals import mark_completed, resumable_exit_code
-    from nemotron_train.training.loop import run
+def _run_rank(run: "ResolvedRun") -> int:
+    from nemotron_train.training.loop import run as train
+    from nemotron_train.training.stop import mark_completed, resumable_exit_code
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_config(cfg, world)
-    summary = run(cfg)
+    summary = train(run)
     if summary["stopped_early"]:
         return resumable_exit_code()
     if int(os.environ.get("RANK", "0")) == 0:
-        mark_completed(cfg.run.output_dir, cfg.train.steps)
+        mark_completed(run.cfg.run.output_dir, run.cfg.train.steps)
     return 0

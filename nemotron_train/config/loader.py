@@ -154,6 +154,13 @@ def _coerce(value: Any, tp: Any, dotted: str, origins: Dict[str, str]) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], dotted, origins)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{dotted}={value!r} is not supported (from {where}); use one of: {', '.join(map(str, allowed))}"
+            )
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{dotted} (from {where}): expected a mapping for section {_type_name(tp)}, got {value!r}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import List
 
-from nemotron_train.config.loader import ConfigError
+from nemotron_train.errors import ConfigError
 
 MAMBA = "M"
 ATTENTION = "*"

@@ -3,12 +3,36 @@
 Every YAML key maps to a field here; the loader rejects anything else. Defaults are the
 Nemotron-H pretraining defaults where the paper gives one, else a safe choice for the
 CPU smoke model.
+
+A field with a fixed set of values is typed `Literal[...]`: that annotation is the one list
+of allowed values. The loader refuses anything else (naming the values), and validation,
+FP8 checks and ablation arms read the values back with `choices(...)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional, Tuple, get_args
+
+Spec = Literal["auto", "te", "local"]
+ParamsDtype = Literal["fp32", "bf16"]
+FP8Format = Literal["hybrid", "e4m3"]
+FP8RecipeName = Literal["tensorwise", "delayed", "mxfp8", "blockwise"]
+AmaxComputeAlgo = Literal["max", "most_recent"]
+FP8Backend = Literal["auto", "te", "emulated"]
+DataSource = Literal["blend", "bundled", "mock"]
+# Tokenizers without a file, and those that take one as `KIND:FILE` (or `type: KIND` + `path`).
+PlainTokenizer = Literal["byte", "bundled"]
+FileTokenizer = Literal["hf", "tiktoken", "sentencepiece"]
+OptimizerName = Literal["adam", "sgd"]
+SchedulerType = Literal["cosine", "wsd", "constant"]
+WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+def choices(literal) -> Tuple[str, ...]:
+    """The allowed values of a `Literal` type, in declaration order."""
+    return tuple(get_args(literal))
 
 
 @dataclass
@@ -41,7 +65,7 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     # Implementation of the layers: te (TransformerEngine + mamba-ssm), local (pure torch), auto.
-    spec: str = "auto"
+    spec: Spec = "auto"
 
 
 @dataclass
@@ -55,20 +79,20 @@ class ParallelConfig:
 @dataclass
 class FP8Config:
     enabled: bool = False
-    format: str = "hybrid"  # hybrid (E4M3 fwd / E5M2 bwd) | e4m3
-    recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
+    format: FP8Format = "hybrid"  # hybrid: E4M3 forward, E5M2 backward
+    recipe: FP8RecipeName = "tensorwise"
     amax_history_len: int = 1024
-    amax_compute_algo: str = "max"  # max | most_recent
+    amax_compute_algo: AmaxComputeAlgo = "max"
     margin: int = 0
     # Nemotron-H keeps the first and last N hybrid layers in BF16.
     first_last_layers_bf16: int = 0
     fp8_param_gather: bool = False
-    backend: str = "auto"  # auto | te | emulated
+    backend: FP8Backend = "auto"
 
 
 @dataclass
 class PrecisionConfig:
-    params_dtype: str = "fp32"  # fp32 | bf16
+    params_dtype: ParamsDtype = "fp32"
     grad_reduce_in_fp32: bool = True
     fp8: FP8Config = field(default_factory=FP8Config)
 
@@ -91,7 +115,7 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     # "bundled" tokenises the corpus shipped in the package on first use; "mock" makes random tokens.
-    source: str = "blend"  # blend | bundled | mock
+    source: DataSource = "blend"
     blend: List[BlendEntry] = field(default_factory=list)
     split: str = "99,1,0"
     train_blend: List[BlendEntry] = field(default_factory=list)
@@ -107,7 +131,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam (AdamW semantics via decoupled weight decay) | sgd
+    name: OptimizerName = "adam"  # adam: AdamW semantics (decoupled weight decay)
     lr: float = 3e-4
     min_lr: float = 3e-6
     beta1: float = 0.9
@@ -120,11 +144,11 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    type: str = "cosine"  # cosine | wsd | constant
+    type: SchedulerType = "cosine"
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # default: train.steps
     wsd_decay_steps: Optional[int] = None  # length of the final decay phase of WSD
-    wsd_decay_style: str = "linear"  # linear | cosine | exponential | minus_sqrt
+    wsd_decay_style: WSDDecayStyle = "linear"
     # Batch-size ramp: [start_global_batch, increment, ramp_samples]; empty = off.
     rampup_batch_size: List[int] = field(default_factory=list)
 
@@ -160,7 +184,7 @@ class WandbConfig:
     enabled: bool = False
     project: str = "nemotron-train"
     entity: Optional[str] = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = "offline"
     group: Optional[str] = None
 
 

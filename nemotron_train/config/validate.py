@@ -11,23 +11,15 @@ from __future__ import annotations
 import signal
 from typing import Iterable
 
-from nemotron_train.config.loader import ConfigError
-from nemotron_train.config.schema import Config, ModelConfig
-from nemotron_train.models.pattern import layer_types, split_stages
+from nemotron_train.config.schema import (
+    AmaxComputeAlgo, Config, DataSource, FileTokenizer, FP8Backend, FP8Format, FP8RecipeName, ModelConfig,
+    OptimizerName, ParamsDtype, PlainTokenizer, SchedulerType, Spec, WandbMode, WSDDecayStyle, choices,
+)
+from nemotron_train.errors import ConfigError
+from nemotron_train.config.pattern import layer_types, split_stages
 
-SPECS = ("auto", "te", "local")
-PARAMS_DTYPES = ("fp32", "bf16")
-FP8_FORMATS = ("hybrid", "e4m3")
-FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")
-FP8_AMAX_ALGOS = ("max", "most_recent")
-FP8_BACKENDS = ("auto", "te", "emulated")
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULERS = ("cosine", "wsd", "constant")
-WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-DATA_SOURCES = ("blend", "bundled", "mock")
-TOKENIZER_PREFIXES = ("hf:", "tiktoken:", "sentencepiece:")
-TOKENIZER_PLAIN = ("byte", "bundled")
-WANDB_MODES = ("offline", "online", "disabled")
+# Allowed values come from the schema's Literal types (the single list of them).
+TOKENIZER_PREFIXES = tuple(f"{kind}:" for kind in choices(FileTokenizer))
 # FP8 GEMMs (TransformerEngine) need every GEMM dimension to be a multiple of 16.
 FP8_ALIGNMENT = 16
 
@@ -84,7 +76,7 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"model.norm_epsilon={m.norm_epsilon} must be > 0 (typically 1e-5)")
     if m.init_method_std <= 0:
         raise ConfigError(f"model.init_method_std={m.init_method_std} must be > 0 (typically 0.02)")
-    _choice("model.spec", m.spec, SPECS)
+    _choice("model.spec", m.spec, choices(Spec))
 
 
 # --------------------------------------------------------------------------- parallelism
@@ -181,11 +173,11 @@ def _check_fp8_widths(cfg: Config) -> None:
 
 def _check_precision(cfg: Config) -> None:
     pr, fp8 = cfg.precision, cfg.precision.fp8
-    _choice("precision.params_dtype", pr.params_dtype, PARAMS_DTYPES)
-    _choice("precision.fp8.format", fp8.format, FP8_FORMATS)
-    _choice("precision.fp8.recipe", fp8.recipe, FP8_RECIPES)
-    _choice("precision.fp8.amax_compute_algo", fp8.amax_compute_algo, FP8_AMAX_ALGOS)
-    _choice("precision.fp8.backend", fp8.backend, FP8_BACKENDS)
+    _choice("precision.params_dtype", pr.params_dtype, choices(ParamsDtype))
+    _choice("precision.fp8.format", fp8.format, choices(FP8Format))
+    _choice("precision.fp8.recipe", fp8.recipe, choices(FP8RecipeName))
+    _choice("precision.fp8.amax_compute_algo", fp8.amax_compute_algo, choices(AmaxComputeAlgo))
+    _choice("precision.fp8.backend", fp8.backend, choices(FP8Backend))
     _at_least("precision.fp8.amax_history_len", fp8.amax_history_len, 1)
     _at_least("precision.fp8.first_last_layers_bf16", fp8.first_last_layers_bf16, 0)
     if 2 * fp8.first_last_layers_bf16 > cfg.model.num_layers:
@@ -203,7 +195,7 @@ def _check_precision(cfg: Config) -> None:
 
 def _check_optimizer(cfg: Config) -> None:
     o, s = cfg.optimizer, cfg.scheduler
-    _choice("optimizer.name", o.name, OPTIMIZERS)
+    _choice("optimizer.name", o.name, choices(OptimizerName))
     _at_least("optimizer.lr", o.lr, 0)
     _at_least("optimizer.min_lr", o.min_lr, 0)
     if o.min_lr > o.lr:
@@ -215,8 +207,8 @@ def _check_optimizer(cfg: Config) -> None:
     _at_least("optimizer.eps", o.eps, 0)
     _at_least("optimizer.weight_decay", o.weight_decay, 0)
     _at_least("optimizer.clip_grad", o.clip_grad, 0, " (0 disables clipping)")
-    _choice("scheduler.type", s.type, SCHEDULERS)
-    _choice("scheduler.wsd_decay_style", s.wsd_decay_style, WSD_DECAY_STYLES)
+    _choice("scheduler.type", s.type, choices(SchedulerType))
+    _choice("scheduler.wsd_decay_style", s.wsd_decay_style, choices(WSDDecayStyle))
     _at_least("scheduler.warmup_steps", s.warmup_steps, 0)
     if s.decay_steps is not None:
         _at_least("scheduler.decay_steps", s.decay_steps, 1)
@@ -261,7 +253,7 @@ def _check_split(split: str) -> None:
 
 def _check_data(cfg: Config) -> None:
     d = cfg.data
-    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.source", d.source, choices(DataSource))
     if d.source == "blend":
         if not d.blend and not d.train_blend:
             raise ConfigError(
@@ -281,7 +273,7 @@ def _check_data(cfg: Config) -> None:
     with_file = tok.startswith(TOKENIZER_PREFIXES) and tok.split(":", 1)[1]
     # `type: hf` plus `path: FILE` is accepted as the spelled-out form of `type: hf:FILE`.
     with_path = tok + ":" in TOKENIZER_PREFIXES and bool(tok_path)
-    if tok not in TOKENIZER_PLAIN and not with_file and not with_path:
+    if tok not in choices(PlainTokenizer) and not with_file and not with_path:
         raise ConfigError(
             f"data.tokenizer.type={tok!r} (data.tokenizer.path={tok_path!r}) is not supported; use byte, "
             "bundled, hf:FILE, tiktoken:FILE or sentencepiece:FILE"
@@ -295,7 +287,7 @@ def _check_launch(cfg: Config) -> None:
     _at_least("launch.nnodes", la.nnodes, 1)
     if not 1 <= la.master_port <= 65535:
         raise ConfigError(f"launch.master_port={la.master_port} must be in 1..65535")
-    _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, choices(WandbMode))
 
 
 # --------------------------------------------------------------------------- entry point

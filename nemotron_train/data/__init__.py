@@ -12,11 +12,25 @@ The trainer's interface (stable):
 launch; `check_indexed_dataset(prefix, vocab_size)` checks one `.bin/.idx` pair.
 """
 
-from nemotron_train.data.datasets import build_datasets, cache_dir_for, check_data_config, split_sizes
-from nemotron_train.data.indexed import check_indexed_dataset
-from nemotron_train.data.iterators import DataLoaderState, make_eval_iterator, make_train_iterator
-from nemotron_train.data.tokenizers import build_tokenizer
+import importlib
+from typing import Any
+
 from nemotron_train.errors import BadInputError, DataError, StaleCacheError
+
+# Names re-exported from submodules, imported on first use: the `.bin/.idx` format and the
+# tokenizers are read by light tools (preprocess, inspect) that should not load megatron-core.
+_LAZY = {
+    "build_datasets": "datasets", "cache_dir_for": "datasets", "check_data_config": "datasets",
+    "split_sizes": "datasets", "check_indexed_dataset": "indexed", "DataLoaderState": "iterators",
+    "make_eval_iterator": "iterators", "make_train_iterator": "iterators", "build_tokenizer": "tokenizers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
 
 __all__ = [
     "BadInputError",

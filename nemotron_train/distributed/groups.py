@@ -1,6 +1,12 @@
-"""Process groups: torch.distributed + megatron-core model-parallel groups, passed explicitly."""
+"""Process groups: torch.distributed + megatron-core model-parallel groups, passed explicitly.
+
+This is the only module that reads megatron-core's global `parallel_state`; everything else
+receives a `ProcessGroupCollection` (or a group from it) as an argument.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -22,6 +28,12 @@ def init_process_groups(cfg: Config, platform: Platform) -> ProcessGroupCollecti
         )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def amax_reduction_group(pgs: Optional[ProcessGroupCollection]) -> Optional[Any]:
+    """The FP8 amax-reduction group (tensor x data x context parallel, as mcore gives TE);
+    None without process groups (a single process: nothing to reduce over)."""
+    return None if pgs is None else pgs.tp_dp_cp
 
 
 def destroy_process_groups() -> None:

@@ -7,7 +7,6 @@ the TE path is compared against on GPUs.
 from nemotron_train.fp8.checks import (
     check_fp8_config,
     device_capability,
-    resolve_backend,
     te_available,
     te_version,
 )
@@ -23,7 +22,7 @@ from nemotron_train.fp8.quantize import (
     power_of_two_scale,
     quantize_blockwise,
     quantize_current,
-    quantize_ref,
+    quantize_scaled,
     tensor_amax,
 )
 from nemotron_train.fp8.recipe import (
@@ -62,8 +61,7 @@ __all__ = [
     "power_of_two_scale",
     "quantize_blockwise",
     "quantize_current",
-    "quantize_ref",
-    "resolve_backend",
+    "quantize_scaled",
     "te_available",
     "te_recipe_kwargs",
     "te_version",

@@ -4,15 +4,15 @@ Backends:
 - `te`: TransformerEngine FP8 GEMMs in the TE layer spec (CUDA GPU with TE).
 - `emulated`: pure-torch fake quantisation in the local layer spec's linears (any device).
 
-`resolve_backend` turns `precision.fp8.backend=auto` into one of them; `check_fp8_config`
-then refuses what that backend cannot do on this GPU, before any model is built.
+`nemotron_train.resolve` turns `precision.fp8.backend=auto` into one of them (the only
+place an `auto` is decided); `check_fp8_config` then refuses what that backend cannot do
+with those layers on this GPU, before any model is built.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 from typing import Optional, Tuple
 
 from nemotron_train.config.loader import ConfigError
@@ -67,24 +67,6 @@ def device_capability(device_type: str) -> Capability:
     return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
 
 
-def resolve_backend(cfg: Config, device_type: str) -> str:
-    """`te` or `emulated` for `precision.fp8.backend` on `device_type` ("cuda" | "cpu").
-
-    `auto` follows the layer implementation, because FP8 only takes effect in layers of
-    its own kind: TE FP8 when the model will use TE layers (CUDA, TE importable, and
-    model.spec te, or auto with mamba-ssm present too), otherwise emulation."""
-    requested = cfg.precision.fp8.backend
-    if requested not in BACKENDS:
-        raise ConfigError(f"precision.fp8.backend={requested!r} is not supported; use one of: {', '.join(BACKENDS)}")
-    if requested != "auto":
-        return requested
-    if device_type != "cuda" or cfg.model.spec == "local" or not te_available():
-        return "emulated"
-    if cfg.model.spec == "te" or importlib.util.find_spec("mamba_ssm") is not None:
-        return "te"
-    return "emulated"
-
-
 def _version_at_least(found: str, minimum: str) -> bool:
     from packaging.version import Version
 
@@ -114,9 +96,9 @@ def _check_values(cfg: Config) -> None:
         )
 
 
-def _check_emulated(cfg: Config) -> None:
+def _check_emulated(cfg: Config, spec: str) -> None:
     fp8 = cfg.precision.fp8
-    if cfg.model.spec == "te":
+    if spec == "te":
         raise ConfigError(
             "precision.fp8.backend=emulated with model.spec=te: emulated FP8 lives in the local spec's linears, "
             "so TE layers would silently stay in BF16; use model.spec=local, or precision.fp8.backend=te"
@@ -156,7 +138,7 @@ def _check_te_device(fp8_recipe: str, capability: Capability) -> None:
         )
 
 
-def _check_te(cfg: Config, capability: Capability, found_version: Optional[str]) -> None:
+def _check_te(cfg: Config, spec: str, capability: Capability, found_version: Optional[str]) -> None:
     fp8 = cfg.precision.fp8
     _check_te_device(fp8.recipe, capability)
     if found_version is None:
@@ -170,7 +152,7 @@ def _check_te(cfg: Config, capability: Capability, found_version: Optional[str])
             f"precision.fp8.recipe={fp8.recipe} needs TransformerEngine >= {minimum}; found {found_version}. "
             "Upgrade TE or use precision.fp8.recipe=delayed"
         )
-    if cfg.model.spec == "local":
+    if spec == "local":
         raise ConfigError(
             "precision.fp8.backend=te with model.spec=local: TE FP8 only applies to TE layers, so the local "
             "layers would silently stay in BF16; use model.spec=te (or auto), or precision.fp8.backend=emulated"
@@ -195,12 +177,18 @@ def _check_te(cfg: Config, capability: Capability, found_version: Optional[str])
 
 
 def check_fp8_config(
-    cfg: Config, backend: str, device_capability: Capability, *, te_version_str: Optional[str] = None
+    cfg: Config,
+    backend: str,
+    device_capability: Capability,
+    *,
+    spec: Optional[str] = None,
+    te_version_str: Optional[str] = None,
 ) -> None:
     """Raise ConfigError if `precision.fp8` can't run on `backend` with this GPU.
 
     `backend` is the resolved one ("te" | "emulated"); `device_capability` is the CUDA
-    compute capability or None off CUDA. `te_version_str` defaults to the installed TE.
+    compute capability or None off CUDA; `spec` the resolved layer spec (default
+    `model.spec`). `te_version_str` defaults to the installed TE.
     Value checks always run; combination checks only when FP8 is enabled (a disabled FP8
     section is ignored, so a BF16 ablation arm can share a config with the FP8 arm)."""
     if backend not in ("te", "emulated"):
@@ -208,7 +196,8 @@ def check_fp8_config(
     _check_values(cfg)
     if not cfg.precision.fp8.enabled:
         return
+    spec = spec or cfg.model.spec
     if backend == "emulated":
-        _check_emulated(cfg)
+        _check_emulated(cfg, spec)
     else:
-        _check_te(cfg, device_capability, te_version_str if te_version_str is not None else te_version())
+        _check_te(cfg, spec, device_capability, te_version_str if te_version_str is not None else te_version())

@@ -26,7 +26,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from nemotron_train.fp8.quantize import quantize_blockwise, quantize_current, quantize_ref, reduce_amax, tensor_amax
+from nemotron_train.fp8.quantize import quantize_blockwise, quantize_current, quantize_scaled, reduce_amax, tensor_amax
 from nemotron_train.fp8.recipe import BLOCK_SHAPES, FP8Recipe
 from nemotron_train.fp8.scaling import SLOTS, delayed_scale, record_amax
 
@@ -66,7 +66,7 @@ class TensorQuantizer:
         amax = reduce_amax(tensor_amax(x), self.amax_group)
         if self.record:
             record_amax(history, slot, amax)
-        return quantize_ref(x, self.dtype, delayed_scale(scale, slot, amax, self.dtype, recipe.margin))
+        return quantize_scaled(x, self.dtype, delayed_scale(scale, slot, amax, self.dtype, recipe.margin))
 
 
 def make_quantizers(

@@ -42,7 +42,7 @@ def compute_scale(amax: ScaleLike, fp8_dtype: torch.dtype, margin: int = 0) -> t
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
-def quantize_ref(x: torch.Tensor, fp8_dtype: torch.dtype, scale: ScaleLike) -> torch.Tensor:
+def quantize_scaled(x: torch.Tensor, fp8_dtype: torch.dtype, scale: ScaleLike) -> torch.Tensor:
     """Round-trip x through FP8: `cast_fp8(clamp(x * scale, +-fp8_max)) / scale`, in x.dtype.
 
     `scale` may be a number, a 0-d tensor or any tensor broadcastable to x (block scales).
@@ -63,7 +63,7 @@ def quantize_current(
     logical tensor (sequence-parallel activations, which are all-gathered afterwards) share
     one scale."""
     amax = reduce_amax(tensor_amax(x), amax_group)
-    return quantize_ref(x, fp8_dtype, compute_scale(amax, fp8_dtype, margin))
+    return quantize_scaled(x, fp8_dtype, compute_scale(amax, fp8_dtype, margin))
 
 
 def reduce_amax(amax: torch.Tensor, group: Optional[object]) -> torch.Tensor:
@@ -108,5 +108,5 @@ def quantize_blockwise(x: torch.Tensor, fp8_dtype: torch.dtype, block: Tuple[int
     mp, kp = x2.shape
     blocks = x2.reshape(mp // rows, rows, kp // cols, cols)
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
-    deq = quantize_ref(blocks, fp8_dtype, power_of_two_scale(amax, fp8_dtype))
+    deq = quantize_scaled(blocks, fp8_dtype, power_of_two_scale(amax, fp8_dtype))
     return deq.reshape(mp, kp)[:m, :k].reshape(shape).to(x.dtype)

@@ -17,12 +17,13 @@ from typing import Iterator, Optional
 
 import torch
 
-from nemotron_train.config.schema import FP8Config
+from nemotron_train.config.schema import AmaxComputeAlgo, FP8Backend, FP8Config, FP8Format, FP8RecipeName, choices
 
-FORMATS = ("hybrid", "e4m3")
-RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")
-AMAX_COMPUTE_ALGOS = ("max", "most_recent")
-BACKENDS = ("auto", "te", "emulated")
+# The schema's Literal types are the one list of allowed values.
+FORMATS = choices(FP8Format)
+RECIPES = choices(FP8RecipeName)
+AMAX_COMPUTE_ALGOS = choices(AmaxComputeAlgo)
+BACKENDS = choices(FP8Backend)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2

@@ -29,22 +29,13 @@ def layer_runs_in_fp8(layer_index: int, num_layers: int, first_last_layers_bf16:
     return n <= layer_index < num_layers - n
 
 
-def default_amax_group() -> Optional[Any]:
-    """mcore's FP8 amax-reduction group (tensor x data x context parallel), as TE uses it;
-    None before model-parallel initialisation (single process)."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    return parallel_state.get_amax_reduction_group(with_context_parallel=True)
-
-
 def layer_fp8_context(
     cfg: Config, backend: Optional[str], amax_group: Optional[Any] = None
 ) -> Callable[[int], ContextManager]:
     """A function from global layer index to the context that layer's forward runs in.
 
-    `amax_group` (TE only; default mcore's amax-reduction group) is TE's `fp8_group`. BF16
+    `amax_group` is TE's `fp8_group` (the caller hands in the tensor x data x context
+    parallel group, `nemotron_train.distributed.amax_reduction_group`; None: no reduction). BF16
     layers get a null context on TE (as in mcore) and a disabled one when emulated.
     The context must be entered *inside* anything that is recomputed (activation
     checkpointing re-runs the forward during backward, after the outer context has
@@ -57,8 +48,7 @@ def layer_fp8_context(
         from nemotron_train.fp8.te import make_te_recipe, te_fp8_autocast
 
         recipe = make_te_recipe(fp8)
-        group = amax_group if amax_group is not None else default_amax_group()
-        return lambda index: te_fp8_autocast(layer_runs_in_fp8(index, num_layers, n), recipe, group)
+        return lambda index: te_fp8_autocast(layer_runs_in_fp8(index, num_layers, n), recipe, amax_group)
     if backend != "emulated":
         raise ValueError(f"backend must be 'te' or 'emulated', got {backend!r}")
     state = FP8RecipeState(FP8Recipe.from_config(fp8))
@@ -75,5 +65,4 @@ def fp8_end_of_step(model: Any, cfg: Config, backend: Optional[str], amax_group:
     fp8 = cfg.precision.fp8
     if not fp8.enabled or backend != "emulated" or fp8.recipe != "delayed":
         return 0
-    group = amax_group if amax_group is not None else default_amax_group()
-    return advance_delayed_scaling(model, FP8Recipe.from_config(fp8), group)
+    return advance_delayed_scaling(model, FP8Recipe.from_config(fp8), amax_group)

@@ -2,12 +2,13 @@
 
 Export: the run checkpoint (any saved TP/PP layout) is loaded into a TP1/PP1 model built in
 one process; dist_checkpointing reshards it on the way in and only the `model` part is read,
-so optimizer state never has to fit in memory. The weights are renamed (hf.py) and written
-as safetensors next to a `config.json` that transformers' NemotronH loads.
+so optimizer state never has to fit in memory. The weights are renamed (hf/mapping.py) and
+written as safetensors next to a `config.json` that transformers' NemotronH loads.
 
-Import: the reverse, into a model-only checkpoint in our layout (`iter_0000000/`, META with
-`"model_only": true`, tracker) plus a run config YAML whose model section comes from the HF
-config. Training from it starts at step 0 with a fresh optimizer.
+Import: the reverse, into a model-only checkpoint (checkpoint/layout.py `save_model_only`:
+`iter_0000000/` with `"model_only": true` in its metadata, tracker) plus a run config YAML
+whose model section comes from the HF config. Training from it starts at step 0 with a
+fresh optimizer.
 
 Export and import run on the CPU whatever the machine has: they need memory for one copy of
 the weights, not speed, and a large model fits in host memory where it would not in one GPU.
@@ -27,9 +28,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nemotron_train.checkpoint.hf import (
+from nemotron_train import rundir
+from nemotron_train.checkpoint import layout
+from nemotron_train.config.loader import apply_overrides, config_from_dict, config_to_dict, load_config, save_config
+from nemotron_train.config.pattern import layer_types
+from nemotron_train.config.schema import Config, ModelConfig
+from nemotron_train.errors import CheckpointError, HFConversionError
+from nemotron_train.hf.mapping import (
     DTYPE_NAMES,
-    HFConversionError,
     canonical_key,
     from_disk_names,
     from_hf_config,
@@ -40,70 +46,37 @@ from nemotron_train.checkpoint.hf import (
     to_hf_state_dict,
     weight_layout_differences,
 )
-from nemotron_train.checkpoint.manager import INCOMPLETE, META, TRACKER, CheckpointError, iter_dir_name, read_tracker
-from nemotron_train.config.loader import apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from nemotron_train.config.schema import Config, ModelConfig
-from nemotron_train.models.pattern import layer_types
 
-RUN_CONFIG_NAME = "config.yaml"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-# --------------------------------------------------------------------------- locating checkpoints
-
-
-def resolve_iteration_dir(checkpoint: str | Path, iteration: Optional[int] = None) -> Path:
-    """An `iter_XXXXXXX` directory from a checkpoints root (tracker), a run directory holding
-    `checkpoints/`, or the iteration directory itself."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise CheckpointError(f"--checkpoint {path}: no such directory")
-    if path.name.endswith(INCOMPLETE):
-        raise CheckpointError(f"--checkpoint {path} is an interrupted save; point at a complete iter_XXXXXXX directory")
-    if (path / META).is_file():
-        if iteration is not None:
-            raise CheckpointError(f"--checkpoint {path} is already one iteration; drop --iteration or pass the checkpoints directory")
-        return path
-    root = path
-    if not (root / TRACKER).exists() and (root / "checkpoints" / TRACKER).exists():
-        root = root / "checkpoints"
-    step = iteration if iteration is not None else read_tracker(root)
-    if step is None:
-        raise CheckpointError(
-            f"--checkpoint {path}: no {TRACKER} and no {META}; pass a checkpoints directory, "
-            "a run directory with checkpoints/, or an iter_XXXXXXX directory"
-        )
-    iter_dir = root / iter_dir_name(step)
-    if not (iter_dir / META).is_file():
-        available = sorted(p.name for p in root.glob("iter_*") if (p / META).is_file())
-        raise CheckpointError(
-            f"{iter_dir} is missing or incomplete; complete iterations in {root}: {', '.join(available) or 'none'}"
-        )
-    return iter_dir
-
-
-def read_meta(iter_dir: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((iter_dir / META).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{iter_dir / META}: not valid JSON ({exc}); the checkpoint metadata is damaged") from None
 
 
 # --------------------------------------------------------------------------- single-process model
 
 
 def single_process_config(cfg: Config, spec: str) -> Config:
-    """`cfg` for building the whole model in one process: TP1/PP1, no SP, no FP8.
+    """A config that builds `cfg`'s model in one process: TP1/PP1, no SP, no FP8.
 
     Pipeline boundaries are dropped from the pattern (layer keys are global, so any PP split
-    loads), and FP8 is off because checkpoints hold high-precision weights."""
+    loads), and FP8 is off because checkpoints hold high-precision weights. Nothing is
+    trained or read, so the sections the build does not use (data, optimizer, schedule,
+    batch sizes, launch, checkpointing) are the defaults, set to be valid for one process:
+    the config of an import, whose data section is still to be filled in, builds too."""
+    base = Config()
     return dataclasses.replace(
-        cfg,
+        base,
+        run=cfg.run,
         model=dataclasses.replace(cfg.model, pattern=layer_types(cfg.model.pattern), spec=spec),
         parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, sp=False, cp=1),
         precision=dataclasses.replace(cfg.precision, fp8=dataclasses.replace(cfg.precision.fp8, enabled=False)),
+        train=dataclasses.replace(
+            base.train,
+            seed=cfg.train.seed,
+            deterministic=cfg.train.deterministic,
+            seq_length=min(base.train.seq_length, cfg.model.max_position_embeddings),
+        ),
+        data=dataclasses.replace(base.data, source="mock"),
     )
 
 
@@ -113,11 +86,15 @@ def _check_single_process() -> None:
 
 
 def start_single_process(cfg: Config, device: str):
-    """Platform and a world of one with TP1/PP1 groups. device: `cpu` or `auto` (GPU if any)."""
-    from megatron.core import parallel_state
+    """A world of one for building `cfg`'s model at TP1/PP1: platform, the resolved run of
+    `single_process_config(cfg, ...)` and its process groups. device: `cpu` or `auto` (GPU if any).
 
-    from nemotron_train.distributed import init_process_groups
+    The te and local specs read the same checkpoint keys (models/specs.py), so the model is
+    built with the run's `model.spec` on a GPU and with `local` on the CPU."""
+    from nemotron_train.checkpoint import install_mcore_fixes
+    from nemotron_train.distributed.groups import init_process_groups
     from nemotron_train.platform import Platform, setup_platform
+    from nemotron_train.resolve import resolve_run
 
     _check_single_process()
     if device == "cpu":
@@ -127,10 +104,13 @@ def start_single_process(cfg: Config, device: str):
         platform = Platform("cpu", "gloo")
     else:
         platform = setup_platform()
-    pgs = init_process_groups(cfg, platform)
-    if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+    install_mcore_fixes()
+    spec = cfg.model.spec if platform.device_type == "cuda" else "local"
+    run = resolve_run(single_process_config(cfg, spec), world_size=1, platform=platform)
+    pgs = init_process_groups(run.cfg, platform)
+    if pgs.tp.size() != 1 or pgs.pp.size() != 1:
         raise RuntimeError("model-parallel groups were already initialised with another layout in this process")
-    return platform, pgs
+    return run, pgs
 
 
 @dataclass
@@ -150,20 +130,14 @@ def load_checkpoint_model(checkpoint: str | Path, iteration: Optional[int] = Non
     from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
     from nemotron_train.models.build import build_model
-    from nemotron_train.models.specs import resolve_spec
 
-    iter_dir = resolve_iteration_dir(checkpoint, iteration)
-    meta = read_meta(iter_dir)
+    iter_dir = layout.locate_checkpoint(checkpoint, iteration)
+    meta = layout.read_meta(iter_dir)
     if "config" not in meta:
-        raise CheckpointError(f"{iter_dir / META} has no `config`; it was not written by this project's Checkpointer")
+        raise CheckpointError(f"{layout.meta_file(iter_dir)} has no `config`; it was not written by this project's Checkpointer")
     cfg = config_from_dict(meta["config"])
-    platform, pgs = start_single_process(single_process_config(cfg, "local"), device)
-    # The te and local specs read the same checkpoint keys (models/specs.py): fall back to
-    # local where te cannot run.
-    spec = cfg.model.spec if platform.device_type == "cuda" else "local"
-    build_cfg = single_process_config(cfg, spec)
-    resolve_spec(spec, platform.device_type)
-    model = build_model(build_cfg, pgs, platform.device_type)
+    run, pgs = start_single_process(cfg, device)
+    model = build_model(run, pgs)
     # `_extra_state` holds FP8 scaling state, not weights; the optimizer, scheduler and RNG
     # entries in the checkpoint are simply not requested.
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
@@ -173,7 +147,7 @@ def load_checkpoint_model(checkpoint: str | Path, iteration: Optional[int] = Non
         # torch wraps the per-rank error; the first one says which key and shape.
         cause = next(iter(getattr(exc, "failures", {}).values()), (exc,))[0]
         raise CheckpointError(
-            f"{iter_dir}: the saved weights do not match the model its {META} describes ({cause}); "
+            f"{iter_dir}: the saved weights do not match the model its {layout.META} describes ({cause}); "
             "the checkpoint is damaged or its metadata belongs to another run"
         ) from None
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
@@ -181,7 +155,7 @@ def load_checkpoint_model(checkpoint: str | Path, iteration: Optional[int] = Non
     if missing or unexpected:
         raise CheckpointError(f"{iter_dir}: weights not loaded: missing {missing[:8]}, unexpected {list(unexpected)[:8]}")
     model.eval()
-    return LoadedModel(cfg=cfg, iter_dir=iter_dir, meta=meta, model=model, device=platform.device)
+    return LoadedModel(cfg=cfg, iter_dir=iter_dir, meta=meta, model=model, device=run.platform.device)
 
 
 def model_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -190,7 +164,7 @@ def model_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def end_single_process() -> None:
-    from nemotron_train.distributed import destroy_process_groups
+    from nemotron_train.distributed.groups import destroy_process_groups
 
     destroy_process_groups()
 
@@ -269,18 +243,13 @@ def read_safetensors(hf_dir: Path) -> Dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def _staged_dir(final: Path) -> Iterator[Path]:
-    """Write into `<final>.incomplete/` and rename on success, so a crash never leaves a
-    directory that looks complete."""
+    """Write into a staging directory and rename on success (checkpoint/layout.py), so a
+    crash never leaves a directory that looks complete."""
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise HFConversionError(f"--output {final} exists and is not empty; choose a new directory or delete it")
-    staging = final.with_name(final.name + INCOMPLETE)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = layout.fresh_staging_dir(final)
     yield staging
-    if final.exists():
-        final.rmdir()
-    os.replace(staging, final)
+    layout.publish_dir(staging, final)
 
 
 # --------------------------------------------------------------------------- export
@@ -288,8 +257,8 @@ def _staged_dir(final: Path) -> Iterator[Path]:
 
 def _hf_tokenizer(cfg: Config) -> Optional[Tuple[Path, int]]:
     """(tokenizers JSON file, end-of-document id) when the run's tokenizer is a HF one."""
-    from data_tools.errors import DataError
-    from data_tools.tokenizers import HFTokenizer, load_tokenizer
+    from nemotron_train.data.tokenizers import HFTokenizer, load_tokenizer
+    from nemotron_train.errors import DataError
 
     try:
         tok = load_tokenizer(cfg.data.tokenizer.type, cfg.data.tokenizer.path)
@@ -407,32 +376,12 @@ def _load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> N
     model.load_state_dict(state, strict=True)
 
 
-def save_model_only_checkpoint(cfg: Config, model: torch.nn.Module, root: Path, source: str) -> Path:
-    """A step-0 checkpoint holding only the model, in the Checkpointer's layout."""
-    from megatron.core import dist_checkpointing
-
-    final = root / iter_dir_name(0)
-    staging = final.with_name(final.name + INCOMPLETE)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    sd = {"model": model.sharded_state_dict(), "train_state": {"step": 0, "consumed_samples": 0}}
-    dist_checkpointing.save(sd, str(staging))
-    meta = {"step": 0, "consumed_samples": 0, "model_only": True, "source": source, "config": dataclasses.asdict(cfg)}
-    (staging / META).write_text(json.dumps(meta, indent=1))
-    os.replace(staging, final)
-    tmp = root / (TRACKER + ".tmp")
-    tmp.write_text("0")
-    os.replace(tmp, root / TRACKER)
-    return final
-
-
 def import_hf(hf_dir: str | Path, output: str | Path, config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> Path:
     """HF NemotronH directory -> model-only run checkpoint + run config YAML in `output`."""
     hf_dir, output = Path(hf_dir), Path(output)
     if not (hf_dir / "config.json").is_file():
         raise HFConversionError(f"--hf {hf_dir}: no config.json; pass a directory written by save_pretrained")
-    if (output / TRACKER).exists() or any(output.glob("iter_*")):
+    if layout.holds_checkpoint(output):
         raise HFConversionError(f"--output {output} already holds a checkpoint; choose a new directory or delete it")
     hf_config = json.loads((hf_dir / "config.json").read_text())
     model_cfg = from_hf_config(hf_config, name=hf_dir.resolve().name or "nemotron-h")
@@ -445,17 +394,15 @@ def import_hf(hf_dir: str | Path, output: str | Path, config_path: Optional[str]
             "uses 1e-5 (as megatron-core's), so outputs will differ slightly from transformers",
             file=sys.stderr,
         )
-    build_cfg = single_process_config(cfg, "local")
-    _, pgs = start_single_process(build_cfg, "cpu")
+    run, pgs = start_single_process(cfg, "cpu")
     try:
         from nemotron_train.models.build import build_model
 
-        model = build_model(build_cfg, pgs, "cpu")
+        model = build_model(run, pgs)
         _load_into(model, weights)
-        output.mkdir(parents=True, exist_ok=True)
-        iter_dir = save_model_only_checkpoint(cfg, model, output, source=f"huggingface:{model_cfg.name}")
-        save_config(cfg, output / RUN_CONFIG_NAME)
+        iter_dir = layout.save_model_only(model, output, dataclasses.asdict(cfg), source=f"huggingface:{model_cfg.name}")
+        save_config(cfg, rundir.config_file(output))
     finally:
         end_single_process()
-    print(f"imported {hf_dir} into {iter_dir}; train from it with: nemotron-train train {output / RUN_CONFIG_NAME}", file=sys.stderr)
+    print(f"imported {hf_dir} into {iter_dir}; train from it with: nemotron-train train {rundir.config_file(output)}", file=sys.stderr)
     return iter_dir

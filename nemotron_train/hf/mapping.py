@@ -40,7 +40,7 @@ import torch
 
 from nemotron_train.config.schema import ModelConfig
 from nemotron_train.errors import HFConversionError
-from nemotron_train.models.pattern import ATTENTION, MAMBA, MLP, layer_types
+from nemotron_train.config.pattern import ATTENTION, MAMBA, MLP, layer_types
 
 HF_MODEL_TYPE = "nemotron_h"
 HF_ARCHITECTURE = "NemotronHForCausalLM"

@@ -8,19 +8,22 @@ from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
+from nemotron_train.config.pattern import layer_types
 from nemotron_train.config.schema import Config
+from nemotron_train.distributed.groups import amax_reduction_group
 from nemotron_train.fp8 import layer_fp8_context
-from nemotron_train.models.pattern import layer_types
-from nemotron_train.models.specs import local_stack_spec, resolve_spec, te_stack_spec
+from nemotron_train.models.specs import local_stack_spec, te_stack_spec
+from nemotron_train.resolve import ResolvedRun
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
+def transformer_config(run: ResolvedRun) -> TransformerConfig:
     """mcore's config for our model; FP8 fields are set only for the TE backend."""
+    cfg = run.cfg
     m, p = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.precision.params_dtype]
-    on_cpu = device_type == "cpu"
+    on_cpu = run.device_type == "cpu"
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -59,14 +62,14 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deterministic_mode=cfg.train.deterministic,
-        **_te_fp8_kwargs(cfg, device_type),
+        **_te_fp8_kwargs(cfg, run.fp8_backend),
     )
 
 
-def _te_fp8_kwargs(cfg: Config, device_type: str) -> dict:
+def _te_fp8_kwargs(cfg: Config, backend) -> dict:
     """FP8 through TE is configured on TransformerConfig; the emulated backend ignores it."""
     fp8 = cfg.precision.fp8
-    if not fp8.enabled or fp8_backend(cfg, device_type) != "te":
+    if backend != "te":
         return {}
     n = fp8.first_last_layers_bf16
     return dict(
@@ -82,23 +85,13 @@ def _te_fp8_kwargs(cfg: Config, device_type: str) -> dict:
     )
 
 
-def fp8_backend(cfg: Config, device_type: str):
-    """`te` or `emulated` when FP8 is on, else None."""
-    if not cfg.precision.fp8.enabled:
-        return None
-    from nemotron_train.fp8 import resolve_backend
-
-    return resolve_backend(cfg, device_type)
-
-
-def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type: str) -> MambaModel:
-    """Build this rank's pipeline stage of the model on `device_type`."""
-    spec_name = resolve_spec(cfg.model.spec, device_type)
-    config = transformer_config(cfg, device_type)
-    backend = fp8_backend(cfg, device_type)
+def build_model(run: ResolvedRun, pg_collection: ProcessGroupCollection) -> MambaModel:
+    """Build this rank's pipeline stage of the model with the resolved spec and FP8 backend."""
+    cfg, backend = run.cfg, run.fp8_backend
+    config = transformer_config(run)
     # Per-layer FP8 context by global layer index (null contexts when FP8 is off).
-    layer_context = layer_fp8_context(cfg, backend)
-    if spec_name == "te":
+    layer_context = layer_fp8_context(cfg, backend, amax_reduction_group(pg_collection))
+    if run.spec == "te":
         stack_spec = te_stack_spec(layer_context)
     else:
         stack_spec = local_stack_spec(backend == "emulated", layer_context, init_seed=cfg.train.seed)
@@ -118,7 +111,7 @@ def build_model(cfg: Config, pg_collection: ProcessGroupCollection, device_type:
     )
     if config.use_cpu_initialization:
         _reinit_vocab_weights(model, cfg, pg_collection)
-    if device_type == "cuda":
+    if run.device_type == "cuda":
         model.cuda(torch.cuda.current_device())
     return model
 

@@ -1,4 +1,5 @@
-"""ModuleSpecs for the hybrid stack. Implementations are chosen here, never in model code.
+"""ModuleSpecs for the hybrid stack. Implementations are chosen here, never in model code;
+which spec a run uses is decided once, by `nemotron_train.resolve`.
 
 - `te`: TransformerEngine layer-norm-fused column-parallel / row-parallel linears, TE
   dot-product attention, mcore's `MambaMixer` on mamba-ssm kernels, TE's norm.
@@ -11,7 +12,6 @@ the names of TE's fused `layer_norm_weight`.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Callable, Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -26,26 +26,6 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from nemotron_train.models.layers import RMSNorm, SDPAttention
 from nemotron_train.models.stack import HybridStack, HybridStackSubmodules
-
-SPECS = ("auto", "te", "local")
-
-
-def gpu_kernels_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "mamba_ssm"))
-
-
-def resolve_spec(requested: str, device_type: str) -> str:
-    """`auto` picks `te` on CUDA when transformer-engine and mamba-ssm import."""
-    if requested not in SPECS:
-        raise ValueError(f"model.spec={requested!r}: choose one of {', '.join(SPECS)}")
-    if requested == "auto":
-        return "te" if device_type == "cuda" and gpu_kernels_available() else "local"
-    if requested == "te" and device_type != "cuda":
-        raise ValueError("model.spec=te needs a CUDA GPU with transformer-engine and mamba-ssm; use model.spec=local on CPU")
-    if requested == "te" and not gpu_kernels_available():
-        raise ValueError("model.spec=te: transformer_engine or mamba_ssm is not importable; install the `gpu` extra or use model.spec=local")
-    return requested
-
 
 def local_stack_spec(fp8_emulation: bool, layer_context: Callable, init_seed: Optional[int] = None) -> ModuleSpec:
     from nemotron_train.models.mamba_mixer import MambaMixerSubmodules, TorchMambaMixer

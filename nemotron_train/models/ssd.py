@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ssd_chunked",
-    "ssd_naive_ref",
+    "ssd_chunked_ref",
     "causal_conv1d",
     "causal_conv1d_ref",
     "gated_rms_norm",
@@ -361,7 +361,7 @@ def _pass_states(chunk_states_BCGEPN, chunk_decay_BCGE, init_BGEPN):
     return states_BXGEPN[:, :-1], states_BXGEPN[:, -1]
 
 
-def ssd_naive_ref(
+def ssd_chunked_ref(
     x_BLHP: torch.Tensor,
     dt_BLH: torch.Tensor,
     A_H: torch.Tensor,

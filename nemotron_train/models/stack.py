@@ -29,7 +29,7 @@ from megatron.core.utils import make_viewless_tensor
 import torch
 from torch import Tensor, nn
 
-from nemotron_train.models.pattern import split_stages, stage_offset
+from nemotron_train.config.pattern import split_stages, stage_offset
 
 MAMBA, ATTENTION, MLP = "M", "*", "-"
 

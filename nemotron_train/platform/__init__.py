@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nemotron_train.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Platform:
@@ -32,12 +34,36 @@ class Platform:
 def detect_platform() -> Platform:
     forced = os.environ.get("NEMOTRON_TRAIN_DEVICE", "").lower()
     if forced not in ("", "cpu", "cuda"):
-        raise ValueError(f"NEMOTRON_TRAIN_DEVICE={forced!r}: use 'cpu' or 'cuda'")
+        raise ConfigError(f"NEMOTRON_TRAIN_DEVICE={forced!r}: use 'cpu' or 'cuda'")
     if forced == "cuda" and not torch.cuda.is_available():
-        raise ValueError("NEMOTRON_TRAIN_DEVICE=cuda but no CUDA device is visible")
+        raise ConfigError("NEMOTRON_TRAIN_DEVICE=cuda but no CUDA device is visible")
     if forced != "cpu" and torch.cuda.is_available():
         return Platform("cuda", "nccl")
     return Platform("cpu", "gloo")
+
+
+# What the `te` layer spec runs on: TE linears/attention, and mcore's MambaMixer, which calls
+# mamba-ssm's SSD kernels and causal-conv1d's conv kernel directly.
+GPU_KERNEL_MODULES = ("transformer_engine", "mamba_ssm", "causal_conv1d")
+
+
+def missing_gpu_kernels() -> list[str]:
+    """The GPU kernel packages of GPU_KERNEL_MODULES that are not installed."""
+    import importlib.util
+
+    return [m for m in GPU_KERNEL_MODULES if importlib.util.find_spec(m) is None]
+
+
+def disable_cpu_compile() -> None:
+    """Run megatron-core's `jit_fuser` functions (torch.compile'd squared-ReLU, bias-dropout-add,
+    ...) eagerly on CPU. Compiling them costs about 20 s per process on the first step and
+    gains nothing for CPU-sized models; the eager results are the same numbers. Set
+    NEMOTRON_TRAIN_CPU_COMPILE=1 to keep torch.compile on CPU."""
+    if os.environ.get("NEMOTRON_TRAIN_CPU_COMPILE") == "1":
+        return
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
 
 
 def setup_platform() -> Platform:
@@ -47,6 +73,7 @@ def setup_platform() -> Platform:
         from nemotron_train.platform.cpu_shim import install_cpu_shims
 
         install_cpu_shims()
+        disable_cpu_compile()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return platform

@@ -1,5 +1,6 @@
 """The pretraining loop. Setup runs in a fixed order:
-config -> validate -> process groups -> model from spec -> DDP wrap -> optimizer -> data
+resolved run (config, validated once, with its spec and FP8 backend: nemotron_train.resolve)
+-> platform -> process groups -> model from spec -> DDP wrap -> optimizer -> data
 -> checkpoint resume -> train.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -23,24 +23,18 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 
+from nemotron_train import rundir
+from nemotron_train.checkpoint import TrainState, install_mcore_fixes
 from nemotron_train.config import Config, save_config
-from nemotron_train.config.validate import validate_config
-from nemotron_train.distributed import init_process_groups
+from nemotron_train.distributed.groups import amax_reduction_group, init_process_groups
 from nemotron_train.fp8 import fp8_end_of_step
-from nemotron_train.models.build import build_model, fp8_backend
+from nemotron_train.models.build import build_model
+from nemotron_train.models.cost import compute_plan
 from nemotron_train.platform import setup_platform
+from nemotron_train.resolve import ResolvedRun
 from nemotron_train.training.metrics import MetricsLogger
 from nemotron_train.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemotron_train.training.step import eval_step, train_step
-
-
-@dataclass
-class TrainState:
-    """Everything besides model/optimizer/scheduler that a resumed run needs."""
-
-    step: int = 0
-    consumed_samples: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -53,25 +47,24 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _flops_per_token(cfg: Config, world_size: int) -> float:
-    from nemotron_train.plan import compute_plan
-
     return float(compute_plan(cfg, world_size=world_size)["flops_per_token"])
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        # --- validate before any process group starts, then platform and process groups
-        self.dp_size = validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    def __init__(self, run: ResolvedRun):
+        cfg = self.cfg = run.cfg
+        # --- the run was resolved (validated) before this; now platform and process groups
+        self.dp_size = run.dp_size
         self.platform = setup_platform()
+        install_mcore_fixes()
         self.pgs = init_process_groups(cfg, self.platform)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dp_rank = self.pgs.dp.rank()
         self.device = self.platform.device
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         # --- model from spec, DDP, optimizer, schedule
-        model = build_model(cfg, self.pgs, self.platform.device_type)
-        self.fp8_backend = fp8_backend(cfg, self.platform.device_type)
+        model = build_model(run, self.pgs)
+        self.fp8_backend = run.fp8_backend
         self.tcfg = model.config
         # Per-token loss over the global batch: grads are divided by the global token count.
         self.tcfg.calculate_per_token_loss = True
@@ -122,8 +115,8 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         if self.rank == 0:
-            save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
-        from launch.signals import ExitSignalHandler, exit_signal_names, should_exit
+            save_config(cfg, rundir.config_file(cfg.run.output_dir))
+        from nemotron_train.training.stop import ExitSignalHandler, exit_signal_names, should_exit
 
         signals = ExitSignalHandler(exit_signal_names(t.exit_signal))
         start_time = time.time()
@@ -140,7 +133,7 @@ class Trainer:
                 t.seq_length, t.micro_batch_size, gbs,
             )
             if self.fp8_backend is not None:
-                fp8_end_of_step(self.model, cfg, self.fp8_backend)  # delayed-scaling history
+                fp8_end_of_step(self.model, cfg, self.fp8_backend, amax_reduction_group(self.pgs))  # delayed scaling
             step_time = time.perf_counter() - step_start
             self.state.step += 1
             self.state.consumed_samples += gbs
@@ -182,5 +175,5 @@ class Trainer:
         return val
 
 
-def run(cfg: Config) -> Dict[str, Any]:
-    return Trainer(cfg).train()
+def run(resolved: ResolvedRun) -> Dict[str, Any]:
+    return Trainer(resolved).train()

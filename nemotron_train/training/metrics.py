@@ -16,7 +16,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from nemotron_train import rundir
 from nemotron_train.config.schema import Config
+from nemotron_train.errors import ConfigError
 
 # Dense BF16 peak per GPU, TFLOP/s (vendor figures), for MFU.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0}
@@ -67,7 +69,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open(rundir.metrics_file(self.out_dir), "a", buffering=1)
         if self.cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -78,8 +80,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ValueError("logging.tensorboard=true needs the `tensorboard` package (pip install tensorboard)") from exc
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+                raise ConfigError("logging.tensorboard=true needs the `tensorboard` package (pip install tensorboard)") from exc
+            self._tb = SummaryWriter(log_dir=str(rundir.tensorboard_dir(self.out_dir)))
 
     def echo(self, text: str) -> None:
         if not self.enabled:
@@ -146,7 +148,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.summary.update(summary)
             self._wandb.finish()
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rundir.summary_file(self.out_dir).write_text(json.dumps(summary, indent=2) + "\n")
         lines = [f"  {k}: {v}" for k, v in summary.items()]
         print("training summary\n" + "\n".join(lines), flush=True)
 

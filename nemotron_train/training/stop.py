@@ -9,7 +9,8 @@ over the process group once per step: all ranks see the same answer.
 
 How a job ends is what the batch script and a chain of jobs act on:
 
-- all `train.steps` done: rank 0 writes `<run.output_dir>/COMPLETED` (`mark_completed`) and
+- all `train.steps` done: rank 0 writes `<run.output_dir>/COMPLETED` (`mark_completed`; the
+  path is `nemotron_train.rundir.completed_marker`) and
   the ranks exit `EXIT_CODE_DONE` (0). Later jobs of a chain see the marker and exit at once.
 - stopped early with a checkpoint saved: the ranks exit `resumable_exit_code()`, which is
   `EXIT_CODE_RESUMABLE` (75) unless torchrun supervises them (see there). The next job of the
@@ -26,23 +27,29 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional
+
+from nemotron_train.errors import ConfigError
+from nemotron_train.rundir import COMPLETED_MARKER, PathLike, completed_marker
+
+__all__ = [
+    "COMPLETED_MARKER", "DEFAULT_EXIT_SIGNALS", "EXIT_CODE_DONE", "EXIT_CODE_RESUMABLE", "ExitSignalHandler",
+    "clear_completed", "completed_marker", "completed_steps", "exit_signal_names", "is_completed",
+    "job_exit_code", "mark_completed", "resumable_exit_code", "should_exit", "signal_name",
+]
 
 EXIT_CODE_DONE = 0
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_CODE_RESUMABLE = 75
-COMPLETED_MARKER = "COMPLETED"
 DEFAULT_EXIT_SIGNALS = ("SIGTERM", "SIGUSR1")
-
-PathLike = Union[str, os.PathLike]
 
 
 def signal_name(name: str) -> str:
-    """Canonical name of a signal: `usr1`, `USR1`, `SIGUSR1` -> `SIGUSR1`. ValueError if unknown."""
+    """Canonical name of a signal: `usr1`, `USR1`, `SIGUSR1` -> `SIGUSR1`. ConfigError if unknown."""
     text = str(name).strip().upper()
     canonical = text if text.startswith("SIG") else f"SIG{text}"
     if not isinstance(getattr(signal, canonical, None), signal.Signals):
-        raise ValueError(f"unknown signal {name!r}; use a name such as SIGTERM, SIGUSR1 or SIGUSR2")
+        raise ConfigError(f"unknown signal {name!r}; use a name such as SIGTERM, SIGUSR1 or SIGUSR2")
     return canonical
 
 
@@ -128,7 +135,7 @@ class ExitSignalHandler:
 
 def _local_flags(handler: Optional[ExitSignalHandler], start_time: float, exit_duration_minutes: Optional[float]) -> List[int]:
     if exit_duration_minutes is not None and exit_duration_minutes <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"train.exit_duration_minutes={exit_duration_minutes}: must be > 0 (minutes of training per job), or null for no limit"
         )
     sig = int(handler._received[0]) if handler is not None and handler._received else 0
@@ -184,10 +191,6 @@ def resumable_exit_code() -> int:
     COMPLETED marker tells "stopped early" from "done" (see `job_exit_code`).
     """
     return EXIT_CODE_DONE if "TORCHELASTIC_RUN_ID" in os.environ else EXIT_CODE_RESUMABLE
-
-
-def completed_marker(output_dir: PathLike) -> Path:
-    return Path(output_dir) / COMPLETED_MARKER
 
 
 def mark_completed(output_dir: PathLike, steps: Optional[int] = None) -> Path:

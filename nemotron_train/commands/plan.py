@@ -1,0 +1,108 @@
+"""`nemotron-train plan CONFIG [overrides] [--json] [--world-size N]`: the cost model of a
+run (layout, parameters, memory per GPU, FLOPs), without starting anything.
+
+The config is resolved for the GPU it targets (an H100 with the GPU kernels installed), not
+for this machine, so a plan for a cluster can be made on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict
+
+from nemotron_train.config.loader import load_config
+from nemotron_train.models.cost import GIB, compute_plan
+
+# The GPU a plan is made for: H100 (sm_90), CUDA + NCCL, TE / mamba-ssm / causal-conv1d present.
+TARGET_CAPABILITY = (9, 0)
+TARGET_TE_VERSION = "2.8"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _short(layers: str, width: int = 40) -> str:
+    return layers if len(layers) <= width else layers[: width - 3] + "..."
+
+
+def format_plan(plan: Dict[str, Any]) -> str:
+    """Readable multi-line rendering of compute_plan's result."""
+    par = plan["parallel"]
+    counts = ", ".join(f"{v} {k}" for k, v in plan["layer_counts"].items())
+    lines = [
+        f"model {plan['model']}: {plan['num_layers']} layers ({counts}), Mamba d_inner {plan['mamba_d_inner']}",
+        f"world size {plan['world_size']} = tp {par['tp']} x pp {par['pp']} x cp {par['cp']} x dp {par['dp']}"
+        f"  (sequence parallel: {'on' if par['sp'] else 'off'})",
+        f"parameters: total {_fmt_count(plan['total_params'])} ({plan['total_params']:,}); "
+        f"embedding {_fmt_count(plan['embedding_params'])}, output layer {_fmt_count(plan['output_layer_params'])}, "
+        f"layers {_fmt_count(plan['layer_params'])}",
+        "",
+        f"{'stage':>5}  {'layers':>9}  {'M/*/-':>9}  {'params/rank':>11}  {'act/mb':>10}  {'in flight':>9}  "
+        f"{'memory/GPU':>11}  pattern",
+    ]
+    for st in plan["stages"]:
+        c = st["layer_counts"]
+        span = f"{st['first_layer']}-{st['first_layer'] + st['num_layers'] - 1}"
+        mix = "/".join(str(v) for v in c.values())
+        lines.append(
+            f"{st['stage']:>5}  {span:>9}  {mix:>9}  {_fmt_count(st['params_per_rank']):>11}  "
+            f"{_fmt_bytes(st['activation_bytes_per_microbatch']):>10}  {st['microbatches_in_flight']:>9}  "
+            f"{_fmt_bytes(st['memory_total_bytes']):>11}  {_short(st['layers'])}"
+        )
+    mem = plan["memory_breakdown_bytes"]
+    breakdown = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items())
+    flops = ", ".join(f"{k} {_fmt_count(v)}" for k, v in plan["flops_per_token_breakdown"].items())
+    lines += [
+        "",
+        f"memory per GPU: {_fmt_bytes(plan['memory_per_gpu_bytes'])} (stage {plan['memory_heaviest_stage']}: {breakdown})",
+        f"model FLOPs per token (fwd+bwd): {_fmt_count(plan['flops_per_token'])} ({flops}); "
+        f"6 x params = {_fmt_count(6 * plan['total_params'])}",
+        f"per step: {plan['tokens_per_step']:,} tokens in {plan['num_microbatches']} micro-batches per DP rank, "
+        f"{plan['flops_per_step']:.3e} FLOPs",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nemotron_train.platform import Platform
+    from nemotron_train.resolve import resolve_run  # imports torch: only when the command runs
+
+    cfg = load_config(args.config, args.overrides)
+    world_size = args.world_size or cfg.launch.nproc_per_node * cfg.launch.nnodes
+    resolve_run(cfg, world_size, Platform("cuda", "nccl"), capability=TARGET_CAPABILITY, missing_kernels=[],
+                te_version=TARGET_TE_VERSION)
+    plan = compute_plan(cfg, world_size)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(format_plan(plan))
+    sys.stdout.flush()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="show layout, parameter counts, memory and FLOPs of a config without running it",
+        description="Compute the pipeline layout, parameter counts, per-GPU memory and model FLOPs of a "
+        "config without starting processes or allocating weights.",
+    )
+    parser.add_argument("config", help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="number of GPUs (default: launch.nproc_per_node x launch.nnodes)")
+    parser.set_defaults(func=_run)
