@@ -203,3 +203,15 @@ def test_checker_refuses_a_module_without_a_layer(tmp_path: Path) -> None:
 ])
 def test_layer_of_uses_the_longest_prefix(module: str, layer: str) -> None:
     assert LAYERS[layer_of(module)][0] == layer
+
+
+def test_architecture_doc_names_every_layer_folder_and_module() -> None:
+    """docs/architecture.md matches the tree: every package folder and top-level module of
+    the library, and every tool package, is named there."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    names = [f"{p}/" for p in PACKAGES if p != "nemotron_train"]
+    lib = ROOT / "nemotron_train"
+    names += [f"nemotron_train/{d.name}/" for d in sorted(lib.iterdir()) if (d / "__init__.py").is_file()]
+    names += [f"nemotron_train/{f.name}" for f in sorted(lib.glob("*.py")) if f.name not in ("__init__.py", "__main__.py")]
+    missing = [name for name in names if name not in doc]
+    assert not missing, f"docs/architecture.md does not name {missing}"

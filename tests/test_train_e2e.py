@@ -1,18 +1,26 @@
 """End-to-end training: torchrun layouts agree with one rank, determinism, launch errors."""
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
+# The runs of one test session share the tokenised bundled corpus and sample indices (each
+# run would otherwise tokenise the corpus into its own run directory first).
+SHARED_DATA_CACHE = tempfile.mkdtemp(prefix="nemotron-train-test-data-")
+atexit.register(shutil.rmtree, SHARED_DATA_CACHE, ignore_errors=True)
 # A short run of the smoke model; one global batch of 8 sequences in every layout.
 SHORT = [
+    f"data.cache_dir={SHARED_DATA_CACHE}",
     "train.steps=4",
     "train.seq_length=64",
     "train.global_batch_size=8",

@@ -89,8 +89,9 @@ def start_single_process(cfg: Config, device: str):
     """A world of one for building `cfg`'s model at TP1/PP1: platform, the resolved run of
     `single_process_config(cfg, ...)` and its process groups. device: `cpu` or `auto` (GPU if any).
 
-    The te and local specs read the same checkpoint keys (models/specs.py), so the model is
-    built with the run's `model.spec` on a GPU and with `local` on the CPU."""
+    The te and local specs read the same checkpoint keys (models/specs.py), so a run trained
+    with `te` (or `auto`) is built with `auto` here: resolve picks te where it can run and
+    local elsewhere (the CPU); a `local` run stays local."""
     from nemotron_train.checkpoint import install_mcore_fixes
     from nemotron_train.distributed.groups import init_process_groups
     from nemotron_train.platform import Platform, setup_platform
@@ -105,7 +106,7 @@ def start_single_process(cfg: Config, device: str):
     else:
         platform = setup_platform()
     install_mcore_fixes()
-    spec = cfg.model.spec if platform.device_type == "cuda" else "local"
+    spec = "local" if cfg.model.spec == "local" else "auto"
     run = resolve_run(single_process_config(cfg, spec), world_size=1, platform=platform)
     pgs = init_process_groups(run.cfg, platform)
     if pgs.tp.size() != 1 or pgs.pp.size() != 1:
