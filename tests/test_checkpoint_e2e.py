@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,30 +37,46 @@ def straight(straight_run):
     return straight_run[1]
 
 
-def _two_legs(out: Path, first, second):
-    train(out, *first, *SIX, "train.steps=3")
+@pytest.fixture(scope="module")
+def one_rank_first_leg(tmp_path_factory):
+    """Steps 1-3 on one rank, checkpointed at 3: the first leg several tests continue (each
+    from its own copy)."""
+    out = tmp_path_factory.mktemp("ckpt") / "first_leg"
+    train(out, *ONE_RANK, *SIX, "train.steps=3")
+    return out
+
+
+def _first_leg(out: Path, layout, shared: Path = None) -> None:
+    if layout is ONE_RANK and shared is not None:
+        shutil.copytree(shared, out)
+    else:
+        train(out, *layout, *SIX, "train.steps=3")
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def _two_legs(out: Path, first, second, shared_first_leg: Path = None):
+    _first_leg(out, first, shared_first_leg)
     proc = train(out, *second, *SIX, "train.steps=6")
     assert "resumed from" in proc.stderr
     return losses(out)
 
 
-def test_resume_is_exact(tmp_path, straight):
-    got = _two_legs(tmp_path / "legs", ONE_RANK, ONE_RANK)
+def test_resume_is_exact(tmp_path, straight, one_rank_first_leg):
+    got = _two_legs(tmp_path / "legs", ONE_RANK, ONE_RANK, one_rank_first_leg)
     assert got == straight  # bitwise: deterministic mode, same layout
 
 
 @pytest.mark.parametrize("saved,resumed", [("tp2", "tp1"), ("pp2", "tp1"), ("dp2", "tp1"), ("tp1", "tp2"), ("tp1", "pp2")])
-def test_resume_with_another_layout(tmp_path, straight, saved, resumed):
-    got = _two_legs(tmp_path / f"{saved}_to_{resumed}", LAYOUTS[saved], LAYOUTS[resumed])
+def test_resume_with_another_layout(tmp_path, straight, one_rank_first_leg, saved, resumed):
+    got = _two_legs(tmp_path / f"{saved}_to_{resumed}", LAYOUTS[saved], LAYOUTS[resumed], one_rank_first_leg)
     assert len(got) == 6
     for step, (a, b) in enumerate(zip(got, straight), start=1):
         assert abs(a - b) <= 2e-4 * abs(b), f"step {step}: {a} vs {b}"
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, straight):
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, straight, one_rank_first_leg):
     out = tmp_path / "killed"
-    train(out, *ONE_RANK, *SIX, "train.steps=3")
+    _first_leg(out, ONE_RANK, one_rank_first_leg)
     ckpts = out / "checkpoints"
     # Second leg: hold the commit of the step-6 save open, and SIGKILL the run inside it.
     args = ["train", SMOKE, f"run.output_dir={out}", f"launch.master_port={_free_port()}", *SHORT, *ONE_RANK, *SIX, "train.steps=6"]
