@@ -13,7 +13,7 @@ import ast
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 

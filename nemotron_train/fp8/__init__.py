@@ -4,67 +4,47 @@ See docs/fp8.md. The emulated backend runs anywhere (CPU included) and is the re
 the TE path is compared against on GPUs.
 """
 
-from nemotron_train.fp8.checks import (
-    check_fp8_config,
-    device_capability,
-    te_available,
-    te_version,
-)
-from nemotron_train.fp8.gemm import FP8GemmFunction, TensorQuantizer, fp8_linear
-from nemotron_train.fp8.linear import (
-    FP8ColumnParallelLinear,
-    FP8RowParallelLinear,
-    advance_delayed_scaling,
-    fp8_linears,
-)
-from nemotron_train.fp8.quantize import (
-    compute_scale,
-    power_of_two_scale,
-    quantize_blockwise,
-    quantize_current,
-    quantize_scaled,
-    tensor_amax,
-)
-from nemotron_train.fp8.recipe import (
-    FP8Recipe,
-    FP8RecipeState,
-    active_fp8_state,
-    fp8_autocast,
-    fp8_max,
-    is_fp8_enabled,
-)
-from nemotron_train.fp8.runtime import fp8_end_of_step, layer_fp8_context, layer_runs_in_fp8
-from nemotron_train.fp8.scaling import update_history_and_scale
-from nemotron_train.fp8.te import make_te_recipe, te_recipe_kwargs
+import importlib
+from typing import Any
 
-__all__ = [
-    "FP8ColumnParallelLinear",
-    "FP8GemmFunction",
-    "FP8Recipe",
-    "FP8RecipeState",
-    "FP8RowParallelLinear",
-    "TensorQuantizer",
-    "active_fp8_state",
-    "advance_delayed_scaling",
-    "check_fp8_config",
-    "compute_scale",
-    "device_capability",
-    "fp8_autocast",
-    "fp8_end_of_step",
-    "fp8_linear",
-    "fp8_linears",
-    "fp8_max",
-    "is_fp8_enabled",
-    "layer_fp8_context",
-    "layer_runs_in_fp8",
-    "make_te_recipe",
-    "power_of_two_scale",
-    "quantize_blockwise",
-    "quantize_current",
-    "quantize_scaled",
-    "te_available",
-    "te_recipe_kwargs",
-    "te_version",
-    "tensor_amax",
-    "update_history_and_scale",
-]
+# Public names and the submodule each lives in, imported on first use: the FP8 checks that
+# every launch runs (`nemotron_train.fp8.checks`) must not pull in torch and megatron-core.
+_LAZY = {
+    "FP8ColumnParallelLinear": "linear",
+    "FP8GemmFunction": "gemm",
+    "FP8Recipe": "recipe",
+    "FP8RecipeState": "recipe",
+    "FP8RowParallelLinear": "linear",
+    "TensorQuantizer": "gemm",
+    "active_fp8_state": "recipe",
+    "advance_delayed_scaling": "linear",
+    "check_fp8_config": "checks",
+    "compute_scale": "quantize",
+    "device_capability": "checks",
+    "fp8_autocast": "recipe",
+    "fp8_end_of_step": "runtime",
+    "fp8_linear": "gemm",
+    "fp8_linears": "linear",
+    "fp8_max": "recipe",
+    "is_fp8_enabled": "recipe",
+    "layer_fp8_context": "runtime",
+    "layer_runs_in_fp8": "runtime",
+    "make_te_recipe": "te",
+    "power_of_two_scale": "quantize",
+    "quantize_blockwise": "quantize",
+    "quantize_current": "quantize",
+    "quantize_scaled": "quantize",
+    "te_available": "checks",
+    "te_recipe_kwargs": "te",
+    "te_version": "checks",
+    "tensor_amax": "quantize",
+    "update_history_and_scale": "scaling",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

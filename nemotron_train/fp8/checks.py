@@ -16,8 +16,7 @@ import importlib
 from typing import Optional, Tuple
 
 from nemotron_train.config.loader import ConfigError
-from nemotron_train.config.schema import Config
-from nemotron_train.fp8.recipe import AMAX_COMPUTE_ALGOS, BACKENDS, FORMATS, RECIPES
+from nemotron_train.config.schema import AmaxComputeAlgo, Config, FP8Backend, FP8Format, FP8RecipeName, choices
 
 Capability = Optional[Tuple[int, int]]
 
@@ -77,10 +76,10 @@ def _version_at_least(found: str, minimum: str) -> bool:
 def _check_values(cfg: Config) -> None:
     fp8 = cfg.precision.fp8
     for key, value, allowed in (
-        ("format", fp8.format, FORMATS),
-        ("recipe", fp8.recipe, RECIPES),
-        ("amax_compute_algo", fp8.amax_compute_algo, AMAX_COMPUTE_ALGOS),
-        ("backend", fp8.backend, BACKENDS),
+        ("format", fp8.format, choices(FP8Format)),
+        ("recipe", fp8.recipe, choices(FP8RecipeName)),
+        ("amax_compute_algo", fp8.amax_compute_algo, choices(AmaxComputeAlgo)),
+        ("backend", fp8.backend, choices(FP8Backend)),
     ):
         if value not in allowed:
             raise ConfigError(f"precision.fp8.{key}={value!r} is not supported; use one of: {', '.join(allowed)}")

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.config.validate import mamba_d_inner, mamba_in_proj_width

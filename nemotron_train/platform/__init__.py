@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from nemotron_train.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `plan` and the resolver run without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,9 @@ class Platform:
     backend: str  # "nccl" | "gloo"
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> "torch.device":
+        import torch
+
         if self.device_type == "cuda":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
@@ -32,6 +36,8 @@ class Platform:
 
 
 def detect_platform() -> Platform:
+    import torch
+
     forced = os.environ.get("NEMOTRON_TRAIN_DEVICE", "").lower()
     if forced not in ("", "cpu", "cuda"):
         raise ConfigError(f"NEMOTRON_TRAIN_DEVICE={forced!r}: use 'cpu' or 'cuda'")
@@ -75,6 +81,8 @@ def setup_platform() -> Platform:
         install_cpu_shims()
         disable_cpu_compile()
     else:
+        import torch
+
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return platform
 
