@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from launch.sbatch_script import MODES, RunPaths, SbatchOptions, forwarded_signal, parse_signal, render_script
 from nemotron_train.ablation.plan import ARMS, AblationPlan, build_plan, parse_arms
 from nemotron_train.ablation.runner import write_plan
+from nemotron_train.cli import IntermixedParser
 from nemotron_train.config.loader import load_config, save_config
 from nemotron_train.config.schema import Config
 from nemotron_train.config.validate import validate_config
@@ -172,22 +173,6 @@ def submit_plan(
 # --------------------------------------------------------------------------- command line
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets `key=value` overrides follow options (`CONFIG --nodes 2 train.steps=10`), which
-    plain argparse rejects once a `*` positional has matched empty before the options."""
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._inner:
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
-
-
 def _csv(kind: type):
     def parse(text: str) -> list:
         try:
@@ -240,7 +225,7 @@ def add_sbatch_options(parser: argparse.ArgumentParser, required: bool = True, t
 def register(subparsers) -> None:
     p = subparsers.add_parser("sbatch", help="render (and submit) a SLURM batch script for a run",
                               description=__doc__.split("\n\n")[0])
-    p.__class__ = _IntermixedParser
+    p.__class__ = IntermixedParser
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides baked into the job's config")
     add_sbatch_options(p)

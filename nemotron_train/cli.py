@@ -24,6 +24,24 @@ COMMAND_MODULES = [
 ]
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser whose options may come before, between or after the `key=value`
+    overrides (`CONFIG --nodes 2 train.steps=10`): plain argparse stops matching a `*`
+    positional once it has matched empty before the options. Set a subparser's
+    `__class__` to it."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemotron-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

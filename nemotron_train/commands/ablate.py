@@ -22,21 +22,7 @@ import shlex
 import sys
 from typing import Any
 
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets options follow the `key=value` overrides (plain argparse stops matching the
-    overrides positional once the config positional has been consumed)."""
-
-    _parsing = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._parsing:
-            return super().parse_known_args(args, namespace)
-        self._parsing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._parsing = False
+from nemotron_train.cli import IntermixedParser
 
 
 def register(subparsers: Any) -> None:
@@ -52,7 +38,7 @@ def register(subparsers: Any) -> None:
             "in precision.params_dtype with FP8 off."
         ),
     )
-    p.__class__ = _IntermixedParser
+    p.__class__ = IntermixedParser
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every run")
     p.add_argument("--arms", default="bf16,fp8", help=f"comma-separated arms from: {', '.join(ARMS)} (default bf16,fp8)")
@@ -74,7 +60,7 @@ def register(subparsers: Any) -> None:
         help="Markdown report + loss plot comparing runs' metrics.jsonl",
         description="Writes report.md and loss_curves.png; runs are labelled by their directory names.",
     )
-    c.__class__ = _IntermixedParser
+    c.__class__ = IntermixedParser
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run.output_dir of each run (files, e.g. a previous report.md, are ignored)")
     c.add_argument("--output", help="report directory (default: the runs' common parent directory)")
     c.add_argument("--baseline", help="label (directory name) of the baseline run (default: bf16 arm, else first)")
