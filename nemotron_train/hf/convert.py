@@ -94,17 +94,11 @@ def start_single_process(cfg: Config, device: str):
     local elsewhere (the CPU); a `local` run stays local."""
     from nemotron_train.checkpoint import install_mcore_fixes
     from nemotron_train.distributed.groups import init_process_groups
-    from nemotron_train.platform import Platform, setup_platform
+    from nemotron_train.platform import setup_platform
     from nemotron_train.resolve import resolve_run
 
     _check_single_process()
-    if device == "cpu":
-        from nemotron_train.platform.cpu_shim import install_cpu_shims
-
-        install_cpu_shims()
-        platform = Platform("cpu", "gloo")
-    else:
-        platform = setup_platform()
+    platform = setup_platform(force_cpu=device == "cpu")
     install_mcore_fixes()
     spec = "local" if cfg.model.spec == "local" else "auto"
     run = resolve_run(single_process_config(cfg, spec), world_size=1, platform=platform)

@@ -72,9 +72,10 @@ def disable_cpu_compile() -> None:
     torch._dynamo.config.disable = True
 
 
-def setup_platform() -> Platform:
-    """Pick the platform and, on CPU, install the redirections megatron-core needs."""
-    platform = detect_platform()
+def setup_platform(force_cpu: bool = False) -> Platform:
+    """Pick the platform (CPU when `force_cpu`, even with a GPU) and, on CPU, install the
+    redirections megatron-core needs."""
+    platform = Platform("cpu", "gloo") if force_cpu else detect_platform()
     if platform.is_cpu:
         from nemotron_train.platform.cpu_shim import install_cpu_shims
 
