@@ -14,10 +14,12 @@ from typing import Any, Dict
 
 from nemotron_train.config.loader import load_config
 from nemotron_train.models.cost import GIB, compute_plan
+from nemotron_train.platform.devices import DEFAULT_DEVICE, device_names, get_device
 
-# The GPU a plan is made for: H100 (sm_90), CUDA + NCCL, TE / mamba-ssm / causal-conv1d present.
-TARGET_CAPABILITY = (9, 0)
+# A GPU plan assumes CUDA + NCCL with TE / mamba-ssm / causal-conv1d present, this TE version
+# and the compute capability of the `--device` (platform/devices.py).
 TARGET_TE_VERSION = "2.8"
+CPU_DEVICE = "cpu"
 
 
 def _fmt_count(n: float) -> str:
@@ -68,6 +70,7 @@ def format_plan(plan: Dict[str, Any]) -> str:
     lines += [
         "",
         f"memory per GPU: {_fmt_bytes(plan['memory_per_gpu_bytes'])} (stage {plan['memory_heaviest_stage']}: {breakdown})",
+        *_fit_lines(plan),
         f"model FLOPs per token (fwd+bwd): {_fmt_count(plan['flops_per_token'])} ({flops}); "
         f"6 x params = {_fmt_count(6 * plan['total_params'])}",
         f"per step: {plan['tokens_per_step']:,} tokens in {plan['num_microbatches']} micro-batches per DP rank, "
@@ -76,15 +79,35 @@ def format_plan(plan: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def resolve_for_device(cfg, world_size: int, device: str):
+    """Resolve `cfg` for the accelerator a plan is made for: a GPU of the device table (CUDA +
+    NCCL, TE / mamba-ssm present, that GPU's compute capability) or `cpu` (the local spec)."""
     from nemotron_train.platform import Platform
     from nemotron_train.resolve import resolve_run  # imports torch: only when the command runs
 
+    if device == CPU_DEVICE:
+        return resolve_run(cfg, world_size, Platform("cpu", "gloo"), capability=None, missing_kernels=[])
+    return resolve_run(cfg, world_size, Platform("cuda", "nccl"), capability=get_device(device).capability,
+                       missing_kernels=[], te_version=TARGET_TE_VERSION)
+
+
+def _fit_lines(plan: Dict[str, Any]) -> list:
+    dev = plan.get("device")
+    if dev is None:
+        return ["device: cpu (no memory limit checked)"]
+    verdict = "fits" if dev["fits"] else "DOES NOT FIT"
+    return [
+        f"device {dev['name']}: {_fmt_bytes(dev['memory_bytes'])}, memory per GPU {_fmt_bytes(plan['memory_per_gpu_bytes'])}, "
+        f"headroom {_fmt_bytes(dev['headroom_bytes'])} -> {verdict} (needs >= {_fmt_bytes(dev['reserve_bytes'])} free "
+        "for CUDA context, NCCL buffers, fragmentation)"
+    ]
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     world_size = args.world_size or cfg.launch.nproc_per_node * cfg.launch.nnodes
-    resolve_run(cfg, world_size, Platform("cuda", "nccl"), capability=TARGET_CAPABILITY, missing_kernels=[],
-                te_version=TARGET_TE_VERSION)
-    plan = compute_plan(cfg, world_size)
+    resolve_for_device(cfg, world_size, args.device)
+    plan = compute_plan(cfg, world_size, device=None if args.device == CPU_DEVICE else get_device(args.device))
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -105,4 +128,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--world-size", type=int, default=None,
                         help="number of GPUs (default: launch.nproc_per_node x launch.nnodes)")
+    parser.add_argument("--device", type=str.lower, default=DEFAULT_DEVICE, choices=device_names() + (CPU_DEVICE,),
+                        help=f"accelerator the plan is for: memory and peak throughput from the device table "
+                        f"(default {DEFAULT_DEVICE}); cpu plans the local spec with no memory limit")
     parser.set_defaults(func=_run)

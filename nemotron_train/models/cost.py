@@ -47,8 +47,11 @@ from typing import Any, Dict, Optional
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.config.validate import mamba_d_inner, mamba_in_proj_width
 from nemotron_train.config.pattern import ATTENTION, LAYER_CHARS, MAMBA, MLP, layer_name, split_stages
+from nemotron_train.platform.devices import Device
 
 GIB = 1024**3
+# Share of a device's memory a plan leaves free for what it does not count.
+FIT_RESERVE = 0.05
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,19 @@ def _flops(cfg: Config, costs: Dict[str, LayerCost]) -> Dict[str, float]:
     return parts
 
 
-def compute_plan(cfg: Config, world_size: Optional[int] = None) -> Dict[str, Any]:
-    """Layout, parameter counts, per-GPU memory and model FLOPs of a run (see module docstring).
+def device_fit(memory_bytes: int, device: Device) -> Dict[str, Any]:
+    """Whether `memory_bytes` per GPU fits `device`: the headroom must cover FIT_RESERVE of its
+    memory (CUDA context, NCCL buffers, allocator fragmentation, transient tensors)."""
+    capacity = int(device.memory_gib * GIB)
+    headroom = capacity - memory_bytes
+    reserve = int(FIT_RESERVE * capacity)
+    return {"name": device.name, "memory_bytes": capacity, "headroom_bytes": headroom,
+            "reserve_bytes": reserve, "fits": headroom >= reserve}
+
+
+def compute_plan(cfg: Config, world_size: Optional[int] = None, device: Optional[Device] = None) -> Dict[str, Any]:
+    """Layout, parameter counts, per-GPU memory and model FLOPs of a run (see module docstring);
+    with a `device`, also whether the heaviest stage fits it (`device_fit`).
 
     `cfg` must be valid for `world_size` ranks (default: launch.nproc_per_node x nnodes):
     callers resolve it first (nemotron_train.resolve), which is where errors are reported."""
@@ -206,7 +220,7 @@ def compute_plan(cfg: Config, world_size: Optional[int] = None) -> Dict[str, Any
     flops_per_token = sum(flops.values())
     tokens_per_step = t.global_batch_size * t.seq_length
     types = m.pattern.replace("|", "")
-    return {
+    plan = {
         "model": m.name,
         "world_size": world_size,
         "parallel": {"tp": p.tp, "pp": p.pp, "cp": p.cp, "dp": dp, "sp": p.sp},
@@ -225,3 +239,6 @@ def compute_plan(cfg: Config, world_size: Optional[int] = None) -> Dict[str, Any
         "memory_breakdown_bytes": heaviest["memory_bytes"],
         "memory_heaviest_stage": heaviest["stage"],
     }
+    if device is not None:
+        plan["device"] = device_fit(heaviest["memory_total_bytes"], device)
+    return plan

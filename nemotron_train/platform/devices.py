@@ -22,6 +22,8 @@ class Device:
     fp8_tflops: Optional[float]  # None: no FP8 tensor cores
     # Substrings of `torch.cuda.get_device_name()` that identify it, most specific first.
     match: Tuple[str, ...]
+    # CUDA compute capability: which FP8 recipes and kernels a plan for it may use.
+    capability: Tuple[int, int] = (9, 0)
 
     def peak_tflops(self, fp8: bool) -> float:
         if fp8 and self.fp8_tflops is not None:
@@ -38,9 +40,9 @@ DEVICES: Dict[str, Device] = {
     "h100-pcie": Device("h100-pcie", 81559 / 1024, 756.0, 1513.0, ("H100 PCIe",)),
     "h100-nvl": Device("h100-nvl", 95830 / 1024, 835.0, 1671.0, ("H100 NVL",)),
     "h200": Device("h200", 143771 / 1024, 989.0, 1979.0, ("H200",)),
-    "b200": Device("b200", 180e9 / _GIB, 2250.0, 4500.0, ("B200",)),
-    "gb200": Device("gb200", 186e9 / _GIB, 2450.0, 4900.0, ("GB200",)),
-    "a100": Device("a100", 81920 / 1024, 312.0, None, ("A100",)),
+    "b200": Device("b200", 180e9 / _GIB, 2250.0, 4500.0, ("B200",), (10, 0)),
+    "gb200": Device("gb200", 186e9 / _GIB, 2450.0, 4900.0, ("GB200",), (10, 0)),
+    "a100": Device("a100", 81920 / 1024, 312.0, None, ("A100",), (8, 0)),
 }
 
 # The device a cluster plan assumes when none is named.
