@@ -28,6 +28,9 @@ OptimizerName = Literal["adam", "sgd"]
 SchedulerType = Literal["cosine", "wsd", "constant"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 WandbMode = Literal["offline", "online", "disabled"]
+RecomputeGranularity = Literal["none", "selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
+RecomputeModule = Literal["core_attn", "mlp", "mamba", "norm"]
 
 
 def choices(literal) -> Tuple[str, ...]:
@@ -95,6 +98,21 @@ class PrecisionConfig:
     params_dtype: ParamsDtype = "fp32"
     grad_reduce_in_fp32: bool = True
     fp8: FP8Config = field(default_factory=FP8Config)
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation, with Megatron's names. `full` keeps only the input of each
+    recomputed chunk of layers; `selective` recomputes the listed pieces inside the layers."""
+
+    granularity: RecomputeGranularity = "none"
+    # full: uniform = chunks of num_layers layers; block = the first num_layers layers of
+    # each pipeline stage (the rest keep their activations).
+    method: RecomputeMethod = "uniform"
+    num_layers: int = 1
+    # selective: core_attn (attention softmax/context), mlp (the whole dense MLP from its
+    # input), mamba (conv, SSD scan and gated norm from the in_proj output), norm (pre-norms).
+    modules: List[RecomputeModule] = field(default_factory=list)
 
 
 @dataclass
@@ -209,6 +227,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -13,7 +13,8 @@ from typing import Iterable
 
 from nemotron_train.config.schema import (
     AmaxComputeAlgo, Config, DataSource, FileTokenizer, FP8Backend, FP8Format, FP8RecipeName, ModelConfig,
-    OptimizerName, ParamsDtype, PlainTokenizer, SchedulerType, Spec, WandbMode, WSDDecayStyle, choices,
+    OptimizerName, ParamsDtype, PlainTokenizer, RecomputeGranularity, RecomputeMethod, RecomputeModule,
+    SchedulerType, Spec, WandbMode, WSDDecayStyle, choices,
 )
 from nemotron_train.errors import ConfigError
 from nemotron_train.config.pattern import layer_types, split_stages
@@ -290,6 +291,32 @@ def _check_launch(cfg: Config) -> None:
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, choices(WandbMode))
 
 
+def _check_recompute(cfg: Config) -> None:
+    rc = cfg.recompute
+    _choice("recompute.granularity", rc.granularity, choices(RecomputeGranularity))
+    _choice("recompute.method", rc.method, choices(RecomputeMethod))
+    for module in rc.modules:
+        _choice("recompute.modules", module, choices(RecomputeModule))
+    if len(set(rc.modules)) != len(rc.modules):
+        raise ConfigError(f"recompute.modules={rc.modules} lists a module twice; name each once")
+    if rc.granularity == "selective" and not rc.modules:
+        raise ConfigError(
+            "recompute.granularity=selective needs recompute.modules, some of: " + ", ".join(choices(RecomputeModule))
+        )
+    if rc.granularity != "selective" and rc.modules:
+        raise ConfigError(
+            f"recompute.modules={rc.modules} is only used with recompute.granularity=selective "
+            f"(it is {rc.granularity!r}); set the granularity or drop the modules"
+        )
+    if rc.granularity == "full":
+        most = max(len(stage) for stage in split_stages(cfg.model.pattern, cfg.parallel.pp))
+        if not 1 <= rc.num_layers <= most:
+            raise ConfigError(
+                f"recompute.num_layers={rc.num_layers} must be between 1 and the layers of the largest pipeline "
+                f"stage ({most}) with recompute.granularity=full"
+            )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -300,6 +327,7 @@ def validate_config(cfg: Config, world_size: int) -> int:
     """
     _check_model(cfg)
     dp = _check_parallel(cfg, world_size)
+    _check_recompute(cfg)
     _check_batch(cfg, dp)
     _check_precision(cfg)
     _check_optimizer(cfg)

@@ -12,6 +12,7 @@ from nemotron_train.config.pattern import layer_types
 from nemotron_train.config.schema import Config
 from nemotron_train.distributed.groups import amax_reduction_group
 from nemotron_train.fp8 import layer_fp8_context
+from nemotron_train.models.recompute import fix_checkpoint_without_output, mcore_recompute_kwargs
 from nemotron_train.models.specs import local_stack_spec, te_stack_spec
 from nemotron_train.resolve import ResolvedRun
 
@@ -24,6 +25,7 @@ def transformer_config(run: ResolvedRun) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.precision.params_dtype]
     on_cpu = run.device_type == "cpu"
+    rc = cfg.recompute
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -63,6 +65,7 @@ def transformer_config(run: ResolvedRun) -> TransformerConfig:
         apply_rope_fusion=False,
         deterministic_mode=cfg.train.deterministic,
         **_te_fp8_kwargs(cfg, run.fp8_backend),
+        **mcore_recompute_kwargs(rc.granularity, rc.method, rc.num_layers, rc.modules),
     )
 
 
@@ -91,10 +94,14 @@ def build_model(run: ResolvedRun, pg_collection: ProcessGroupCollection) -> Mamb
     config = transformer_config(run)
     # Per-layer FP8 context by global layer index (null contexts when FP8 is off).
     layer_context = layer_fp8_context(cfg, backend, amax_reduction_group(pg_collection))
+    selective = cfg.recompute.modules if cfg.recompute.granularity == "selective" else ()
+    fix_checkpoint_without_output()
     if run.spec == "te":
-        stack_spec = te_stack_spec(layer_context)
+        stack_spec = te_stack_spec(layer_context, recompute_modules=selective)
     else:
-        stack_spec = local_stack_spec(backend == "emulated", layer_context, init_seed=cfg.train.seed)
+        stack_spec = local_stack_spec(
+            backend == "emulated", layer_context, init_seed=cfg.train.seed, recompute_modules=selective
+        )
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     layer_types(cfg.model.pattern)  # raises a clear error on a bad pattern
     model = MambaModel(

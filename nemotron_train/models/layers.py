@@ -22,7 +22,10 @@ from megatron.core.utils import divide
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32 and cast back, as TE and Nemotron-H's reference do."""
-    x32 = x.float()
+    # Always a copy (also for fp32 input): `x` then has one consumer here, so its gradient is
+    # summed in the same order whether or not the norm is recomputed (bitwise-equal runs).
+    # The copy replaces `x` among the saved tensors, so memory is unchanged.
+    x32 = x.to(torch.float32, copy=True)
     out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (out * weight.float()).to(x.dtype)
 

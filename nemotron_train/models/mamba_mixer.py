@@ -42,6 +42,7 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import deprecate_inference_params
 
+from nemotron_train.models.recompute import checkpoint_ssm
 from nemotron_train.models.ssd import causal_conv1d, gated_rms_norm, ssd_chunked
 
 try:  # Same class as mcore's when its mixer module imports (it needs Triton).
@@ -138,8 +139,11 @@ class TorchMambaMixer(MegatronModule):
         ngroups=None,
         pg_collection: ProcessGroupCollection = None,
         pp_layer_offset: int = 0,
+        recompute_ssm: bool = False,
     ):
         super().__init__(config)
+        # Selective recompute (`recompute.modules: [mamba]`): keep only in_proj's output.
+        self.recompute_ssm = recompute_ssm
         self.config = config
         self.d_model = d_model
         self.d_conv = d_conv
@@ -351,7 +355,7 @@ class TorchMambaMixer(MegatronModule):
             raise NotImplementedError("TorchMambaMixer does not support packed sequences yet")
         zxBCdt_LBD, _ = self.in_proj(hidden_states)
         zxBCdt_LBD = self.cp.pre_conv_ssm(zxBCdt_LBD)
-        y_LBD = self._ssm(zxBCdt_LBD)
+        y_LBD = checkpoint_ssm(self._ssm, zxBCdt_LBD, self.recompute_ssm)
         return self.out_proj(y_LBD)
 
     def _ssm(self, zxBCdt_LBD: torch.Tensor) -> torch.Tensor:

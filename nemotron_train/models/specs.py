@@ -12,7 +12,7 @@ the names of TE's fused `layer_norm_weight`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -25,20 +25,29 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from nemotron_train.models.layers import RMSNorm, SDPAttention
+from nemotron_train.models.recompute import RecomputeNormMambaLayer, te_mamba_mixer
 from nemotron_train.models.stack import HybridStack, HybridStackSubmodules
 
-def local_stack_spec(fp8_emulation: bool, layer_context: Callable, init_seed: Optional[int] = None) -> ModuleSpec:
+def local_stack_spec(
+    fp8_emulation: bool, layer_context: Callable, init_seed: Optional[int] = None, recompute_modules: Sequence[str] = ()
+) -> ModuleSpec:
     from nemotron_train.models.mamba_mixer import MambaMixerSubmodules, TorchMambaMixer
 
     if fp8_emulation:
         from nemotron_train.fp8 import FP8ColumnParallelLinear as col, FP8RowParallelLinear as row
     else:
         col, row = ColumnParallelLinear, RowParallelLinear
+    # Selective recompute of the Mamba pieces (attention/MLP layers read it from the config).
     mamba_layer = ModuleSpec(
-        module=MambaLayer,
+        module=RecomputeNormMambaLayer,
+        params={"recompute_norm": "norm" in recompute_modules},
         submodules=MambaLayerSubmodules(
             norm=RMSNorm,
-            mixer=ModuleSpec(module=TorchMambaMixer, submodules=MambaMixerSubmodules(in_proj=col, out_proj=row)),
+            mixer=ModuleSpec(
+                module=TorchMambaMixer,
+                params={"recompute_ssm": "mamba" in recompute_modules},
+                submodules=MambaMixerSubmodules(in_proj=col, out_proj=row),
+            ),
             mamba_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
         ),
@@ -74,7 +83,7 @@ def local_stack_spec(fp8_emulation: bool, layer_context: Callable, init_seed: Op
     )
 
 
-def te_stack_spec(layer_context: Callable) -> ModuleSpec:
+def te_stack_spec(layer_context: Callable, recompute_modules: Sequence[str] = ()) -> ModuleSpec:
     """The GPU spec. Not exercised in CI (no TE/mamba-ssm there); see docs/gpu-validation.md."""
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
@@ -82,13 +91,14 @@ def te_stack_spec(layer_context: Callable) -> ModuleSpec:
         TENorm,
         TERowParallelLinear,
     )
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 
     mamba_layer = ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(
             mixer=ModuleSpec(
-                module=MambaMixer,
+                module=te_mamba_mixer(),
+                params={"recompute_ssm": "mamba" in recompute_modules},
                 submodules=MambaMixerSubmodules(in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear),
             ),
             mamba_bda=get_bias_dropout_add,

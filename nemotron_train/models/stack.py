@@ -8,12 +8,16 @@ build it from a spec, and three fixes that matter for Nemotron-H:
 - every layer carries its *global* layer number, so sharded checkpoints name layers the
   same way whatever the PP size (MambaStack numbers attention/MLP layers per stage, which
   breaks resharding across PP).
+It also carries out full activation recompute (`recompute.granularity: full`), which
+MambaStack lacks: uniform chunks of layers or the first N layers of the stage run under
+megatron-core's activation checkpoint (models/recompute.py).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional, Union
 
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from nemotron_train.config.pattern import split_stages, stage_offset
+from nemotron_train.models.recompute import checkpoint_chunk, recomputed_chunks
 
 MAMBA, ATTENTION, MLP = "M", "*", "-"
 
@@ -142,7 +147,25 @@ class HybridStack(MegatronModule):
     ) -> Tensor:
         if not self.pre_process:
             hidden_states = self.input_tensor
-        for layer in self.layers:
+        full = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        spans = recomputed_chunks(len(self.layers), self.config.recompute_method if full else None,
+                                  self.config.recompute_num_layers)
+        for start, stop, checkpointed in spans:
+            run = partial(self._run_layers, start, stop, packed_seq_params)
+            if checkpointed:
+                # Only the chunk's input is kept; its layers run again in backward.
+                hidden_states = checkpoint_chunk(self.config, self.tp_group, run, hidden_states, attention_mask, rotary_pos_emb)
+            else:
+                hidden_states = run(hidden_states, attention_mask, rotary_pos_emb)
+        if self.post_process and self.post_layer_norm:
+            hidden_states = self.final_norm(hidden_states)
+        # The pipeline schedule frees the output's storage after sending it; a view would
+        # free its base too.
+        return make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
+
+    def _run_layers(self, start: int, stop: int, packed_seq_params, hidden_states: Tensor,
+                    attention_mask: Optional[Tensor], rotary_pos_emb: Optional[Tensor]) -> Tensor:
+        for layer in self.layers[start:stop]:
             with self.layer_context(layer.layer_number - 1):
                 if isinstance(layer, TransformerLayer):
                     hidden_states, _ = layer(
@@ -155,11 +178,7 @@ class HybridStack(MegatronModule):
                     hidden_states = layer(
                         hidden_states=hidden_states, attention_mask=attention_mask, packed_seq_params=packed_seq_params
                     )
-        if self.post_process and self.post_layer_norm:
-            hidden_states = self.final_norm(hidden_states)
-        # The pipeline schedule frees the output's storage after sending it; a view would
-        # free its base too.
-        return make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
+        return hidden_states
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None

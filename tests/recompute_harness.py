@@ -1,0 +1,98 @@
+"""Per-rank worker for the recompute-equivalence test (under torchrun, or alone as one rank).
+
+    python tests/recompute_harness.py --out DIR [layout overrides]
+
+In one process (one set of process groups), for each recompute variant it builds the smoke
+model from the same seed, trains it for STEPS steps through megatron-core's schedule (1F1B
+when PP > 1; plain SGD on the main grads, so nothing but the forward-backward can differ)
+and writes, per rank, `DIR/<variant>.rank<R>.pt` = {"losses": [...], "grads": [per step
+{name: this rank's grad shard}]}. The test compares every variant with "none" bitwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel_harness import micro_batches, setup  # noqa: E402
+
+STEPS = 2
+LR = 0.5
+VARIANTS = {
+    "none": [],
+    "full_uniform": ["recompute.granularity=full", "recompute.method=uniform", "recompute.num_layers=2"],
+    "full_block": ["recompute.granularity=full", "recompute.method=block", "recompute.num_layers=2"],
+    "sel_core_attn": ["recompute.granularity=selective", "recompute.modules=[core_attn]"],
+    "sel_mlp": ["recompute.granularity=selective", "recompute.modules=[mlp]"],
+    "sel_mamba": ["recompute.granularity=selective", "recompute.modules=[mamba]"],
+    "sel_norm": ["recompute.granularity=selective", "recompute.modules=[norm]"],
+    "sel_all": ["recompute.granularity=selective", "recompute.modules=[core_attn,mlp,mamba,norm]"],
+}
+
+
+def train_variant(overrides):
+    import torch.distributed as dist
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemotron_train.training.optim import wrap_ddp
+    from nemotron_train.training.step import forward_step, reduce_loss
+
+    cfg, pgs, model = setup(overrides)
+    with torch.no_grad():  # non-trivial norms and SSM parameters, as parallel_harness does
+        g = torch.Generator().manual_seed(5)
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tcfg = model.config
+    tcfg.calculate_per_token_loss = True
+    ddp = wrap_ddp(cfg, model, tcfg, pgs)
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = ddp.no_sync
+    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
+    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    losses, grads = [], []
+    for step in range(STEPS):
+        ddp.zero_grad_buffer()
+        out = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, torch.device("cpu")),
+            data_iterator=micro_batches(cfg, dp_rank, dp_size),
+            model=[ddp],
+            num_microbatches=num_micro,
+            seq_length=cfg.train.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+        )
+        losses.append(reduce_loss(out, pgs, torch.device("cpu")))
+        grads.append({name: p.main_grad.detach().clone() for name, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(LR * p.main_grad)
+    dist.barrier()
+    return losses, grads
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args, overrides = parser.parse_known_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch.distributed as dist
+
+    for name in args.variants.split(","):
+        losses, grads = train_variant(overrides + VARIANTS[name])
+        torch.save({"losses": losses, "grads": grads}, out / f"{name}.rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
