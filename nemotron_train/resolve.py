@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from nemotron_train.config.performance import Performance, resolve_performance
 from nemotron_train.config.schema import Config
 from nemotron_train.config.validate import validate_config
 from nemotron_train.errors import ConfigError
@@ -33,6 +34,7 @@ class ResolvedRun:
     spec: str  # "te" | "local"
     fp8_backend: Optional[str]  # "te" | "emulated"; None when FP8 is off
     capability: Capability  # CUDA compute capability; None off CUDA
+    performance: Performance  # performance.* with every auto decided for this platform
 
     @property
     def device_type(self) -> str:
@@ -81,6 +83,11 @@ def resolve_run(
     spec = resolve_spec(cfg.model.spec, platform.device_type, missing_kernels)
     backend = resolve_fp8_backend(cfg.precision.fp8.backend, spec)
     check_fp8_config(cfg, backend, capability, spec=spec, te_version_str=te_version)
+    if te_version is None and spec == "te":
+        from nemotron_train.fp8.checks import te_version as installed_te_version
+
+        te_version = installed_te_version()
+    performance = resolve_performance(cfg, platform.device_type, spec, te_version)
     return ResolvedRun(
         cfg=cfg,
         world_size=world_size,
@@ -89,4 +96,5 @@ def resolve_run(
         spec=spec,
         fp8_backend=backend if cfg.precision.fp8.enabled else None,
         capability=capability,
+        performance=performance,
     )

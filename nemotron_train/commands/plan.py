@@ -1,5 +1,6 @@
-"""`nemotron-train plan CONFIG [overrides] [--json] [--world-size N]`: the cost model of a
-run (layout, parameters, memory per GPU, FLOPs), without starting anything.
+"""`nemotron-train plan CONFIG [overrides] [--json] [--world-size N] [--device D] [--engine]`: the
+cost model of a run (layout, parameters, memory per GPU, FLOPs), or with `--engine` the exact
+megatron-core config fields it would use, without starting anything.
 
 The config is resolved for the GPU it targets (an H100 with the GPU kernels installed), not
 for this machine, so a plan for a cluster can be made on a laptop.
@@ -20,6 +21,7 @@ from nemotron_train.platform.devices import DEFAULT_DEVICE, device_names, get_de
 # and the compute capability of the `--device` (platform/devices.py).
 TARGET_TE_VERSION = "2.8"
 CPU_DEVICE = "cpu"
+CUDA_ALIAS = "cuda"  # --device cuda: the default GPU of the table
 
 
 def _fmt_count(n: float) -> str:
@@ -103,10 +105,30 @@ def _fit_lines(plan: Dict[str, Any]) -> list:
     ]
 
 
+def format_engine(fields: Dict[str, Any]) -> str:
+    """Readable rendering of models.engine_config.engine_fields: one `section.field = value` a line."""
+    lines = [f"device {fields['device']}, layer spec {fields['spec']}, FP8 backend {fields['fp8_backend'] or 'off'}"]
+    for section in ("TransformerConfig", "DistributedDataParallelConfig", "OptimizerConfig", "te_fp8_recipe", "trainer"):
+        values = fields[section]
+        lines.append(f"{section}:" + ("" if values else " none"))
+        for key, value in (values or {}).items():
+            lines.append(f"  {key} = {value}")
+    return "\n".join(lines)
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     world_size = args.world_size or cfg.launch.nproc_per_node * cfg.launch.nnodes
-    resolve_for_device(cfg, world_size, args.device)
+    if args.device == CUDA_ALIAS:
+        args.device = DEFAULT_DEVICE
+    run = resolve_for_device(cfg, world_size, args.device)
+    if args.engine:
+        from nemotron_train.models.engine_config import engine_fields  # imports torch and megatron-core
+
+        fields = engine_fields(run)
+        print(json.dumps(fields, indent=2) if args.json else format_engine(fields))
+        sys.stdout.flush()
+        return 0
     plan = compute_plan(cfg, world_size, device=None if args.device == CPU_DEVICE else get_device(args.device))
     if args.json:
         print(json.dumps(plan, indent=2))
@@ -128,7 +150,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--world-size", type=int, default=None,
                         help="number of GPUs (default: launch.nproc_per_node x launch.nnodes)")
-    parser.add_argument("--device", type=str.lower, default=DEFAULT_DEVICE, choices=device_names() + (CPU_DEVICE,),
+    parser.add_argument("--device", type=str.lower, default=DEFAULT_DEVICE, choices=device_names() + (CPU_DEVICE, CUDA_ALIAS),
                         help=f"accelerator the plan is for: memory and peak throughput from the device table "
                         f"(default {DEFAULT_DEVICE}); cpu plans the local spec with no memory limit")
+    parser.add_argument("--engine", action="store_true",
+                        help="print the megatron-core TransformerConfig / DDP / optimizer fields and the TE FP8 "
+                        "recipe the run would use on --device, without building a model")
     parser.set_defaults(func=_run)

@@ -19,7 +19,7 @@ ParamsDtype = Literal["fp32", "bf16"]
 FP8Format = Literal["hybrid", "e4m3"]
 FP8RecipeName = Literal["tensorwise", "delayed", "mxfp8", "blockwise"]
 AmaxComputeAlgo = Literal["max", "most_recent"]
-FP8Backend = Literal["auto", "te", "emulated"]
+FP8Backend = Literal["auto", "te", "emulated", "scaled_mm"]
 DataSource = Literal["blend", "bundled", "mock"]
 # Tokenizers without a file, and those that take one as `KIND:FILE` (or `type: KIND` + `path`).
 PlainTokenizer = Literal["byte", "bundled"]
@@ -28,6 +28,10 @@ OptimizerName = Literal["adam", "sgd"]
 SchedulerType = Literal["cosine", "wsd", "constant"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 WandbMode = Literal["offline", "online", "disabled"]
+CrossEntropyFusionImpl = Literal["native", "te"]
+TPCommBootstrapBackend = Literal["nccl", "mpi", "gloo"]
+CudaGraphImpl = Literal["none", "local", "transformer_engine"]
+CudaGraphScope = Literal["attn", "mlp", "mamba", "full_iteration"]
 RecomputeGranularity = Literal["none", "selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 RecomputeModule = Literal["core_attn", "mlp", "mamba", "norm"]
@@ -113,6 +117,37 @@ class RecomputeConfig:
     # selective: core_attn (attention softmax/context), mlp (the whole dense MLP from its
     # input), mamba (conv, SSD scan and gated norm from the in_proj output), norm (pre-norms).
     modules: List[RecomputeModule] = field(default_factory=list)
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed settings with megatron-core's names (docs/performance.md). A `None` is decided by
+    the resolver: on where this platform supports it (CUDA, TE layers), off on CPU. Forcing a
+    GPU-only one on where it cannot run is a configuration error."""
+
+    # Data-parallel gradient reduce-scatter/all-reduce during backward, bucket by bucket.
+    overlap_grad_reduce: Optional[bool] = None
+    # Distributed-optimizer parameter all-gather during the next forward.
+    overlap_param_gather: Optional[bool] = None
+    bucket_size: Optional[int] = None  # elements per DDP bucket; None: megatron-core's default
+    average_in_collective: bool = False
+    gradient_accumulation_fusion: Optional[bool] = None  # GPU only (TE / apex)
+    persist_layer_norm: Optional[bool] = None  # GPU only
+    masked_softmax_fusion: Optional[bool] = None  # GPU only
+    cross_entropy_loss_fusion: Optional[bool] = None
+    cross_entropy_fusion_impl: CrossEntropyFusionImpl = "native"  # te: GPU only
+    tp_comm_overlap: Optional[bool] = None  # TE userbuffers; GPU only, needs parallel.sp
+    tp_comm_bootstrap_backend: TPCommBootstrapBackend = "nccl"
+    cuda_graph_impl: CudaGraphImpl = "none"  # GPU only when not none
+    cuda_graph_scope: List[CudaGraphScope] = field(default_factory=list)  # empty: whole layers
+    cuda_graph_warmup_steps: int = 3
+    # Python's cyclic GC off, run every `manual_gc_interval` steps on every rank at once
+    # (stray collections on one rank stall the others at the next collective).
+    manual_gc: bool = False
+    manual_gc_interval: int = 0
+    # megatron-core's jit_fuser (torch.compile); None: on CUDA, off on CPU where compiling
+    # costs ~20 s per process for nothing.
+    torch_compile: Optional[bool] = None
 
 
 @dataclass
@@ -227,6 +262,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -263,10 +263,14 @@ def prepare_data(cfg: Config, tokenizer: Tokenizer, sources: DataSources, rebuil
     refresh_cache(sources.cache_dir, sources.prefixes, rebuild=rebuild, log=log)
 
 
-def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None, rebuild_stale: bool = True):
+def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None, rebuild_stale: bool = True,
+                   built_on_this_rank: bool = True):
     """(train, valid, test) datasets; items are dicts of tensors `tokens`, `labels`,
     `loss_mask`, `position_ids` (plus `dataset_id` for blends). valid/test are None when
-    `data.split` gives them no share, no blend names them, or `train.eval_iters` is 0."""
+    `data.split` gives them no share, no blend names them, or `train.eval_iters` is 0.
+    Every rank calls this (the builder synchronises ranks); with `built_on_this_rank=False`
+    (tensor-parallel ranks other than 0, which receive batches by broadcast) all three are
+    None and no dataset file is opened."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
@@ -274,7 +278,9 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None, rebuild_s
     sources = resolve_sources(cfg, tokenizer)
     on_rank0_first(lambda: prepare_data(cfg, tokenizer, sources, rebuild_stale))
     cls = MockGPTDataset if cfg.data.source == "mock" else GPTDataset
-    builder = BlendedMegatronDatasetBuilder(cls, sources.sizes, lambda: True, _gpt_config(cfg, sources, tokenizer))
+    builder = BlendedMegatronDatasetBuilder(
+        cls, sources.sizes, lambda: built_on_this_rank, _gpt_config(cfg, sources, tokenizer)
+    )
     with single_process_group():
         train, valid, test = builder.build()
     if cfg.train.eval_iters <= 0:

@@ -3,6 +3,8 @@
 Backends:
 - `te`: TransformerEngine FP8 GEMMs in the TE layer spec (CUDA GPU with TE).
 - `emulated`: pure-torch fake quantisation in the local layer spec's linears (any device).
+- `scaled_mm`: real FP8 GEMMs through `torch._scaled_mm` in the local spec's linears
+  (CUDA sm_89+, tensorwise current scaling); `emulated` is its CPU twin.
 
 `nemotron_train.resolve` turns `precision.fp8.backend=auto` into one of them (the only
 place an `auto` is decided); `check_fp8_config` then refuses what that backend cannot do
@@ -95,11 +97,11 @@ def _check_values(cfg: Config) -> None:
         )
 
 
-def _check_emulated(cfg: Config, spec: str) -> None:
+def _check_emulated(cfg: Config, spec: str, backend: str = "emulated") -> None:
     fp8 = cfg.precision.fp8
     if spec == "te":
         raise ConfigError(
-            "precision.fp8.backend=emulated with model.spec=te: emulated FP8 lives in the local spec's linears, "
+            f"precision.fp8.backend={backend} with model.spec=te: {backend} FP8 lives in the local spec's linears, "
             "so TE layers would silently stay in BF16; use model.spec=local, or precision.fp8.backend=te"
         )
     if fp8.fp8_param_gather:
@@ -112,6 +114,26 @@ def _check_emulated(cfg: Config, spec: str) -> None:
             f"precision.fp8.margin={fp8.margin} with precision.fp8.recipe={fp8.recipe}: block scales are powers of two "
             "chosen per block, there is no margin; set precision.fp8.margin=0"
         )
+
+
+def _check_scaled_mm(cfg: Config, spec: str, capability: Capability) -> None:
+    fp8 = cfg.precision.fp8
+    if capability is None:
+        raise ConfigError(
+            "precision.fp8.backend=scaled_mm runs torch._scaled_mm FP8 GEMMs on a CUDA GPU; on CPU use "
+            "precision.fp8.backend=emulated (the same scaling, in pure torch)"
+        )
+    if tuple(capability) < PER_TENSOR_MIN_CAPABILITY:
+        raise ConfigError(
+            f"precision.fp8.backend=scaled_mm needs FP8 tensor cores (compute capability 8.9+); this GPU is "
+            f"sm_{capability[0]}{capability[1]}. Use precision.fp8.backend=emulated or turn FP8 off"
+        )
+    if fp8.recipe != "tensorwise":
+        raise ConfigError(
+            f"precision.fp8.backend=scaled_mm implements tensorwise current scaling only (recipe is {fp8.recipe}); "
+            "set precision.fp8.recipe=tensorwise, or use precision.fp8.backend=te or emulated"
+        )
+    _check_emulated(cfg, spec, backend="scaled_mm")
 
 
 def _check_te_device(fp8_recipe: str, capability: Capability) -> None:
@@ -190,13 +212,15 @@ def check_fp8_config(
     `model.spec`). `te_version_str` defaults to the installed TE.
     Value checks always run; combination checks only when FP8 is enabled (a disabled FP8
     section is ignored, so a BF16 ablation arm can share a config with the FP8 arm)."""
-    if backend not in ("te", "emulated"):
-        raise ValueError(f"check_fp8_config takes a resolved backend ('te' or 'emulated'), got {backend!r}")
+    if backend not in ("te", "emulated", "scaled_mm"):
+        raise ValueError(f"check_fp8_config takes a resolved backend ('te', 'emulated', 'scaled_mm'), got {backend!r}")
     _check_values(cfg)
     if not cfg.precision.fp8.enabled:
         return
     spec = spec or cfg.model.spec
     if backend == "emulated":
         _check_emulated(cfg, spec)
+    elif backend == "scaled_mm":
+        _check_scaled_mm(cfg, spec, device_capability)
     else:
         _check_te(cfg, spec, device_capability, te_version_str if te_version_str is not None else te_version())

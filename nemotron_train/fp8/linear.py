@@ -52,6 +52,8 @@ class _FP8LinearMixin:
 
     def _fp8_forward_impl(self, state: FP8RecipeState, x: torch.Tensor, weight: torch.Tensor, kwargs: Dict[str, Any]):
         recipe = state.recipe
+        if state.gemm == "scaled_mm":
+            return self._scaled_mm_forward_impl(recipe, x, weight, kwargs)
         record = self.training and torch.is_grad_enabled()
         delayed = self._delayed_buffers(recipe, weight.device) if recipe.is_delayed else None
         qx, qw, qg = make_quantizers(recipe, delayed, record, self._input_amax_group(kwargs))
@@ -64,6 +66,25 @@ class _FP8LinearMixin:
         )
         out = quantize_grad_output(out, qg)
         return out + bias if bias is not None else out
+
+    def _scaled_mm_forward_impl(self, recipe: FP8Recipe, x: torch.Tensor, weight: torch.Tensor, kwargs: Dict[str, Any]):
+        """Real FP8 GEMMs (`torch._scaled_mm`) with the communication mcore's `_forward_impl`
+        would have done around its GEMM: a column-parallel input is all-gathered (sequence
+        parallel; backward reduce-scatters) or copied (backward all-reduces dgrad). The
+        gathered input is quantised whole, so every TP rank uses one scale."""
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        from nemotron_train.fp8.scaled_mm import scaled_mm_linear
+
+        group = kwargs.get("tp_group") or self.tp_group
+        if kwargs.get("sequence_parallel"):
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
+        elif kwargs.get("allreduce_dgrad"):
+            x = copy_to_tensor_model_parallel_region(x, group=group)
+        return scaled_mm_linear(x, weight, kwargs.get("bias"), recipe=recipe)
 
     def _input_amax_group(self, kwargs: Dict[str, Any]) -> Optional[Any]:
         if not kwargs.get("sequence_parallel"):

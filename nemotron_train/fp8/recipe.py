@@ -107,6 +107,8 @@ class FP8RecipeState:
     given to `fp8_end_of_step` (delayed scaling)."""
 
     recipe: FP8Recipe = FP8Recipe()
+    # "emulated": fake-quantised operands through mcore's GEMM; "scaled_mm": real FP8 GEMMs.
+    gemm: str = "emulated"
 
 
 _ACTIVE: contextvars.ContextVar[Optional[FP8RecipeState]] = contextvars.ContextVar(

@@ -54,8 +54,21 @@ def te_fp8_autocast(enabled: bool, recipe: Any, amax_group: Optional[Any] = None
         return nullcontext()
     import transformer_engine.pytorch as te
 
-    # TE >= 2.8 names it `autocast(recipe=, amax_reduction_group=)` and deprecates
-    # `fp8_autocast`; prefer the old name while it exists (it is what mcore 0.16 calls).
-    if hasattr(te, "fp8_autocast"):
-        return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group)
-    return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=amax_group)
+    # TE >= 2.8 names it `autocast(recipe=, amax_reduction_group=)`; `fp8_autocast` remains as
+    # a deprecated shim that warns on every call (once per layer per micro-batch here).
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=amax_group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group)
+
+
+def te_fp8_model_init(enabled: bool, recipe: Any) -> ContextManager:
+    """TE's context for building modules whose weights are FP8 tensors (what
+    `fp8_param_gather` all-gathers); a null context when disabled. TE >= 2.8 calls it
+    `quantized_model_init`, older TE `fp8_model_init`."""
+    if not enabled:
+        return nullcontext()
+    import transformer_engine.pytorch as te
+
+    if hasattr(te, "quantized_model_init"):
+        return te.quantized_model_init(enabled=True, recipe=recipe)
+    return te.fp8_model_init(enabled=True, recipe=recipe)

@@ -12,6 +12,7 @@ from nemotron_train.config.pattern import layer_types
 from nemotron_train.config.schema import Config
 from nemotron_train.distributed.groups import amax_reduction_group
 from nemotron_train.fp8 import layer_fp8_context
+from nemotron_train.models.engine_config import init_tp_comm_overlap, performance_transformer_kwargs
 from nemotron_train.models.recompute import fix_checkpoint_without_output, mcore_recompute_kwargs
 from nemotron_train.models.specs import local_stack_spec, te_stack_spec
 from nemotron_train.resolve import ResolvedRun
@@ -20,13 +21,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def transformer_config(run: ResolvedRun) -> TransformerConfig:
-    """mcore's config for our model; FP8 fields are set only for the TE backend."""
+    """mcore's config for our model (its fields: `transformer_kwargs`)."""
+    return TransformerConfig(**transformer_kwargs(run))
+
+
+def transformer_kwargs(run: ResolvedRun) -> dict:
+    """The TransformerConfig fields of a resolved run; FP8 fields are set only for the TE
+    backend. `plan --engine` prints exactly these (models/engine_config.py)."""
     cfg = run.cfg
+
     m, p = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.precision.params_dtype]
     on_cpu = run.device_type == "cpu"
     rc = cfg.recompute
-    return TransformerConfig(
+    return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -56,13 +64,12 @@ def transformer_config(run: ResolvedRun) -> TransformerConfig:
         # On CPU, initialise the full weight once and slice it per TP rank: the same seed gives
         # the same model for every TP size, which is what layout-equivalence tests rely on.
         use_cpu_initialization=on_cpu,
-        # The fused paths below need apex/TE CUDA extensions.
-        gradient_accumulation_fusion=False,
+        # No linear biases and no rotary embedding: these fusions have nothing to fuse.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
         apply_rope_fusion=False,
+        # Fusions, TP overlap, CUDA graphs: performance.*, as resolved for this platform.
+        **performance_transformer_kwargs(run),
         deterministic_mode=cfg.train.deterministic,
         **_te_fp8_kwargs(cfg, run.fp8_backend),
         **mcore_recompute_kwargs(rc.granularity, rc.method, rc.num_layers, rc.modules),
@@ -91,6 +98,7 @@ def _te_fp8_kwargs(cfg: Config, backend) -> dict:
 def build_model(run: ResolvedRun, pg_collection: ProcessGroupCollection) -> MambaModel:
     """Build this rank's pipeline stage of the model with the resolved spec and FP8 backend."""
     cfg, backend = run.cfg, run.fp8_backend
+    init_tp_comm_overlap(run)  # TE's userbuffers exist before the first TE layer is built
     config = transformer_config(run)
     # Per-layer FP8 context by global layer index (null contexts when FP8 is off).
     layer_context = layer_fp8_context(cfg, backend, amax_reduction_group(pg_collection))
@@ -100,7 +108,7 @@ def build_model(run: ResolvedRun, pg_collection: ProcessGroupCollection) -> Mamb
         stack_spec = te_stack_spec(layer_context, recompute_modules=selective)
     else:
         stack_spec = local_stack_spec(
-            backend == "emulated", layer_context, init_seed=cfg.train.seed, recompute_modules=selective
+            backend in ("emulated", "scaled_mm"), layer_context, init_seed=cfg.train.seed, recompute_modules=selective
         )
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     layer_types(cfg.model.pattern)  # raises a clear error on a bad pattern

@@ -51,6 +51,19 @@ def _no_layer_context(global_index: int):
     return nullcontext()
 
 
+def _outer_context(layer_context):
+    """The context around the whole stack's forward, when the layer contexts define one
+    (fp8.runtime.LayerFP8Contexts); a plain per-layer function has none."""
+    outer = getattr(layer_context, "outer", None)
+    return outer() if outer is not None else nullcontext()
+
+
+def _init_context(layer_context, global_index: int):
+    """The context a layer is built in (TE FP8 weights), when the layer contexts define one."""
+    init = getattr(layer_context, "init", None)
+    return init(global_index) if init is not None else nullcontext()
+
+
 def layer_init_rng(config: TransformerConfig, init_seed: Optional[int], global_number: int):
     """With CPU initialisation each layer draws from its own seed (run seed, global layer
     number), so a layer gets the same weights whatever the pipeline split or TP size.
@@ -107,7 +120,7 @@ class HybridStack(MegatronModule):
         self.layers = nn.ModuleList()
         for i, kind in enumerate(self.layer_types):
             global_number = self.layer_offset + i + 1
-            with layer_init_rng(config, init_seed, global_number):
+            with layer_init_rng(config, init_seed, global_number), _init_context(layer_context, global_number - 1):
                 self.layers.append(self._build_layer(config, submodules, kind, global_number, mcore_offset, residual_in_fp32))
 
         if post_process and post_layer_norm:
@@ -150,13 +163,14 @@ class HybridStack(MegatronModule):
         full = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         spans = recomputed_chunks(len(self.layers), self.config.recompute_method if full else None,
                                   self.config.recompute_num_layers)
-        for start, stop, checkpointed in spans:
-            run = partial(self._run_layers, start, stop, packed_seq_params)
-            if checkpointed:
-                # Only the chunk's input is kept; its layers run again in backward.
-                hidden_states = checkpoint_chunk(self.config, self.tp_group, run, hidden_states, attention_mask, rotary_pos_emb)
-            else:
-                hidden_states = run(hidden_states, attention_mask, rotary_pos_emb)
+        with _outer_context(self.layer_context):  # TE delayed scaling: one FP8 region per forward
+            for start, stop, checkpointed in spans:
+                run = partial(self._run_layers, start, stop, packed_seq_params)
+                if checkpointed:
+                    # Only the chunk's input is kept; its layers run again in backward.
+                    hidden_states = checkpoint_chunk(self.config, self.tp_group, run, hidden_states, attention_mask, rotary_pos_emb)
+                else:
+                    hidden_states = run(hidden_states, attention_mask, rotary_pos_emb)
         if self.post_process and self.post_layer_norm:
             hidden_states = self.final_norm(hidden_states)
         # The pipeline schedule frees the output's storage after sending it; a view would

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from nemotron_train.errors import ConfigError
 
@@ -60,31 +60,50 @@ def missing_gpu_kernels() -> list[str]:
     return [m for m in GPU_KERNEL_MODULES if importlib.util.find_spec(m) is None]
 
 
-def disable_cpu_compile() -> None:
-    """Run megatron-core's `jit_fuser` functions (torch.compile'd squared-ReLU, bias-dropout-add,
-    ...) eagerly on CPU. Compiling them costs about 20 s per process on the first step and
-    gains nothing for CPU-sized models; the eager results are the same numbers. Set
-    NEMOTRON_TRAIN_CPU_COMPILE=1 to keep torch.compile on CPU."""
-    if os.environ.get("NEMOTRON_TRAIN_CPU_COMPILE") == "1":
-        return
+def set_torch_compile(enabled: bool) -> None:
+    """Whether megatron-core's `jit_fuser` functions (squared-ReLU, bias-dropout-add, ...) are
+    torch.compile'd. The resolver decides it once (`performance.torch_compile`; off on CPU,
+    where compiling costs about 20 s per process on the first step and gains nothing for
+    CPU-sized models; the eager results are the same numbers)."""
     import torch._dynamo
 
-    torch._dynamo.config.disable = True
+    torch._dynamo.config.disable = not enabled
 
 
-def setup_platform(force_cpu: bool = False) -> Platform:
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device of this process. torchrun shows every GPU of the node to every rank
+    (device = LOCAL_RANK); SLURM with `--gpus-per-task=1` / GPU binding shows each task only
+    its own GPU, so LOCAL_RANK may exceed the visible count: then it is LOCAL_RANK modulo it."""
+    if visible_devices < 1:
+        raise ConfigError("no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES and the GPU binding)")
+    return local_rank % visible_devices
+
+
+def deterministic_env(deterministic: bool) -> dict:
+    """Environment a deterministic run needs before TE builds its layers: TE attention refuses
+    `deterministic_mode` unless non-deterministic algorithms are disallowed
+    (NVTE_ALLOW_NONDETERMINISTIC_ALGO=0), and cuBLAS needs a fixed workspace."""
+    if not deterministic:
+        return {}
+    return {"NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def setup_platform(force_cpu: bool = False, torch_compile: Optional[bool] = None, deterministic: bool = False) -> Platform:
     """Pick the platform (CPU when `force_cpu`, even with a GPU) and, on CPU, install the
-    redirections megatron-core needs."""
+    redirections megatron-core needs. `torch_compile` is the resolved
+    `performance.torch_compile` (None: on for CUDA, off on CPU)."""
     platform = Platform("cpu", "gloo") if force_cpu else detect_platform()
+    # Set, not defaulted: a deterministic run with NVTE_ALLOW_NONDETERMINISTIC_ALGO=1 fails in TE.
+    os.environ.update(deterministic_env(deterministic))
     if platform.is_cpu:
         from nemotron_train.platform.cpu_shim import install_cpu_shims
 
         install_cpu_shims()
-        disable_cpu_compile()
     else:
         import torch
 
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cuda_device_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
+    set_torch_compile(not platform.is_cpu if torch_compile is None else torch_compile)
     return platform
 
 

@@ -33,7 +33,8 @@ from nemotron_train.models.cost import compute_plan
 from nemotron_train.platform import setup_platform
 from nemotron_train.resolve import ResolvedRun
 from nemotron_train.training.metrics import MetricsLogger
-from nemotron_train.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from nemotron_train.training.manual_gc import ManualGC
+from nemotron_train.training.optim import build_optimizer, build_scheduler, params_synced, wrap_ddp
 from nemotron_train.training.step import eval_step, train_step
 
 
@@ -46,6 +47,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def _tp_rank0_flag(value: bool, pgs) -> bool:
+    """TP rank 0's `value` on every rank of its TP group (only rank 0 built the datasets)."""
+    if pgs.tp.size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(pgs.tp, 0), group=pgs.tp)
+    return bool(box[0])
+
+
 def _flops_per_token(cfg: Config, world_size: int) -> float:
     return float(compute_plan(cfg, world_size=world_size)["flops_per_token"])
 
@@ -55,7 +65,7 @@ class Trainer:
         cfg = self.cfg = run.cfg
         # --- the run was resolved (validated) before this; now platform and process groups
         self.dp_size = run.dp_size
-        self.platform = setup_platform()
+        self.platform = setup_platform(torch_compile=run.performance.torch_compile, deterministic=cfg.train.deterministic)
         install_mcore_fixes()
         self.pgs = init_process_groups(cfg, self.platform)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -68,8 +78,8 @@ class Trainer:
         self.tcfg = model.config
         # Per-token loss over the global batch: grads are divided by the global token count.
         self.tcfg.calculate_per_token_loss = True
-        self.model = wrap_ddp(cfg, model, self.tcfg, self.pgs)
-        self.optimizer = build_optimizer(cfg, [self.model])
+        self.model = wrap_ddp(cfg, model, self.tcfg, self.pgs, run=run)
+        self.optimizer = build_optimizer(cfg, [self.model], run=run)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
         self.tcfg.finalize_model_grads_func = finalize_model_grads
@@ -82,29 +92,42 @@ class Trainer:
         # --- data
         from nemotron_train.data import build_datasets, build_tokenizer
 
+        from nemotron_train.data.broadcast import reads_data
+
         self.tokenizer = build_tokenizer(cfg)
-        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer)
+        # Only TP rank 0 reads the files; the other TP ranks get its batches by broadcast.
+        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer, built_on_this_rank=reads_data(self.pgs))
+        self.has_valid = _tp_rank0_flag(self.valid_ds is not None, self.pgs)
         # --- checkpoint resume
         from nemotron_train.checkpoint import Checkpointer
 
         self.checkpointer = Checkpointer(cfg, self.pgs, is_logging_rank=self.rank == 0)
         self.state = self.checkpointer.load_latest(self.model, self.optimizer, self.scheduler) or TrainState()
-        self.metrics = MetricsLogger(cfg, self.rank == 0, _flops_per_token(cfg, self.world_size), self.world_size, self.platform.device_type)
+        self.metrics = MetricsLogger(cfg, self.rank == 0, _flops_per_token(cfg, self.world_size), self.world_size,
+                                     self.platform.device_type, fp8_gemms=run.fp8_backend in ("te", "scaled_mm"))
+        self.manual_gc = ManualGC(run.performance.manual_gc, run.performance.manual_gc_interval)
 
     # ------------------------------------------------------------------ loop
 
     def _train_iterator(self):
         from nemotron_train.data import make_train_iterator
-
-        return make_train_iterator(self.train_ds, self.cfg, self.dp_rank, self.dp_size, self.state.consumed_samples)
-
-    def evaluate(self) -> Optional[float]:
-        if self.valid_ds is None:
-            return None
-        from nemotron_train.data import make_eval_iterator
+        from nemotron_train.data.broadcast import tp_broadcast_iterator
 
         t = self.cfg.train
-        iterator = make_eval_iterator(self.valid_ds, self.cfg, self.dp_rank, self.dp_size)
+        source = None
+        if self.train_ds is not None:
+            source = make_train_iterator(self.train_ds, self.cfg, self.dp_rank, self.dp_size, self.state.consumed_samples)
+        return tp_broadcast_iterator(source, self.pgs, t.micro_batch_size, t.seq_length, self.device)
+
+    def evaluate(self) -> Optional[float]:
+        if not self.has_valid:
+            return None
+        from nemotron_train.data import make_eval_iterator
+        from nemotron_train.data.broadcast import tp_broadcast_iterator
+
+        t = self.cfg.train
+        source = make_eval_iterator(self.valid_ds, self.cfg, self.dp_rank, self.dp_size) if self.valid_ds is not None else None
+        iterator = tp_broadcast_iterator(source, self.pgs, t.micro_batch_size, t.seq_length, self.device)
         num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         losses = [
             eval_step(self.model, iterator, self.pgs, self.device, t.seq_length, t.micro_batch_size, num_micro)
@@ -146,16 +169,18 @@ class Trainer:
             if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
                 last_val = self._validate(step)
             if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0 and step < t.steps:
-                self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+                self._save()
             self.checkpointer.maybe_finalize()
+            self.manual_gc.step(step)
             stop_reason = should_exit(signals, start_time, t.exit_duration_minutes, group=None)
             if stop_reason:
                 break
         if stop_reason is None:
             last_val = self._validate(self.state.step)
         if self.cfg.checkpoint.save_at_end or stop_reason:
-            self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+            self._save()
         self.checkpointer.finalize()
+        self.manual_gc.close()
         summary = {
             "steps": self.state.step,
             "consumed_samples": self.state.consumed_samples,
@@ -168,8 +193,13 @@ class Trainer:
         self.metrics.close(summary)
         return summary
 
+    def _save(self) -> None:
+        with params_synced(self.model):  # overlapped param gather: weights of the last step first
+            self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+
     def _validate(self, step: int) -> Optional[float]:
-        val = self.evaluate()
+        with params_synced(self.model):
+            val = self.evaluate()
         if val is not None:
             self.metrics.validation(step, val)
         return val

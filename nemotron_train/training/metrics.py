@@ -20,21 +20,23 @@ from nemotron_train import rundir
 from nemotron_train.config.schema import Config
 from nemotron_train.errors import ConfigError
 
-# Dense BF16 peak per GPU, TFLOP/s (vendor figures), for MFU.
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0}
+def gpu_peak_tflops(cuda_name: str, fp8_gemms: bool) -> float:
+    """Dense peak of the GPU called `cuda_name` (platform/devices.py): the FP8 peak when the
+    GEMMs run in FP8 (TE or scaled_mm; NVIDIA's published FP8 MFU divides by it), else BF16.
+    An unknown GPU is taken for an H100 SXM (say so with NEMOTRON_TRAIN_PEAK_TFLOPS)."""
+    from nemotron_train.platform.devices import DEFAULT_DEVICE, get_device, match_device
+
+    device = match_device(cuda_name) or get_device(DEFAULT_DEVICE)
+    return device.peak_tflops(fp8_gemms)
 
 
-def device_peak_tflops(device_type: str) -> float:
+def device_peak_tflops(device_type: str, fp8_gemms: bool = False) -> float:
     """Peak TFLOP/s of one device; on CPU a measured fp32 matmul rate stands in for it."""
     env = os.environ.get("NEMOTRON_TRAIN_PEAK_TFLOPS")
     if env:
         return float(env)
     if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, peak in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return peak
-        return 989.0
+        return gpu_peak_tflops(torch.cuda.get_device_name(), fp8_gemms)
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -51,13 +53,14 @@ def peak_memory_bytes(device_type: str) -> int:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Config, is_logging_rank: bool, flops_per_token: float, world_size: int, device_type: str):
+    def __init__(self, cfg: Config, is_logging_rank: bool, flops_per_token: float, world_size: int, device_type: str,
+                 fp8_gemms: bool = False):
         self.cfg = cfg
         self.enabled = is_logging_rank
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.device_type = device_type
-        self.peak_tflops = device_peak_tflops(device_type) if is_logging_rank else 1.0
+        self.peak_tflops = device_peak_tflops(device_type, fp8_gemms) if is_logging_rank else 1.0
         self.out_dir = Path(cfg.run.output_dir)
         self._jsonl = None
         self._bar = None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -13,40 +14,48 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
 from nemotron_train.config.schema import Config
+from nemotron_train.models.engine_config import ddp_kwargs, optimizer_kwargs
+from nemotron_train.resolve import ResolvedRun, resolve_run
 
 # Our scheduler.type -> mcore's lr_decay_style.
 _DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
 
-def wrap_ddp(cfg: Config, model: torch.nn.Module, tcfg: TransformerConfig, pgs: ProcessGroupCollection) -> DistributedDataParallel:
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
-        # One bucket keeps the reduction order fixed, which deterministic mode needs.
-        bucket_size=None,
-    )
+def _resolved(cfg: Config, run: Optional[ResolvedRun]) -> ResolvedRun:
+    """The trainer hands its resolved run in; tools and test harnesses that hold only a config
+    get it resolved here for this process's world (the same, deterministic decisions)."""
+    if run is not None:
+        return run
+    import torch.distributed as dist
+
+    return resolve_run(cfg, dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def wrap_ddp(cfg: Config, model: torch.nn.Module, tcfg: TransformerConfig, pgs: ProcessGroupCollection,
+             run: Optional[ResolvedRun] = None) -> DistributedDataParallel:
+    """mcore DDP with the resolved performance.* (overlap, buckets) and FP8 param gather."""
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs(_resolved(cfg, run)))
     return DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]):
-    o = cfg.optimizer
-    bf16 = cfg.precision.params_dtype == "bf16"
-    mcfg = McoreOptimizerConfig(
-        optimizer=o.name,
-        lr=o.lr,
-        min_lr=o.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.beta1,
-        adam_beta2=o.beta2,
-        adam_eps=o.eps,
-        clip_grad=o.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=o.use_distributed_optimizer,
-    )
-    return get_megatron_optimizer(mcfg, model_chunks)
+def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], run: Optional[ResolvedRun] = None):
+    return get_megatron_optimizer(McoreOptimizerConfig(**optimizer_kwargs(_resolved(cfg, run))), model_chunks)
+
+
+@contextmanager
+def params_synced(model: DistributedDataParallel) -> Iterator[None]:
+    """Parameters all-gathered now, for a region that reads them outside a training forward
+    (evaluation, checkpoint save). With `overlap_param_gather` the distributed optimizer's
+    updated shards are gathered by forward pre-hooks of the next training step; as Megatron
+    does, the hooks come off (gathering synchronously) for the region and go back on after."""
+    if not getattr(model, "use_forward_hook", False):
+        yield
+        return
+    model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
