@@ -100,12 +100,33 @@ def test_pretrain_runs_use_their_model_unchanged(run: str, model: str) -> None:
     assert (fp8.enabled, fp8.recipe, fp8.format, fp8.first_last_layers_bf16) == (True, "tensorwise", "hybrid", 2)
 
 
-def test_56b_pipeline_stages_use_explicit_boundaries() -> None:
-    cfg = load_config(CONFIGS / "nemotron_h_56b_pretrain.yaml")
-    assert (cfg.parallel.tp, cfg.parallel.pp) == (8, 4)
-    stages = split_stages(cfg.model.pattern, cfg.parallel.pp)
-    assert cfg.model.pattern.count("|") == 3
-    assert sum(len(s) for s in stages) == 118 and min(len(s) for s in stages) >= 28
+# Published layouts (each recipe's header names its source): (tp, pp, sp, GPUs).
+PUBLISHED_LAYOUTS = {
+    "nemotron_h_8b_pretrain": (2, 1, True, 128),
+    "nemotron_h_47b_pretrain": (8, 1, True, 256),
+    "nemotron_h_56b_pretrain": (8, 1, True, 256),
+}
+PRETRAIN_RECIPES = sorted(p.stem for p in CONFIGS.glob("*_pretrain.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_LAYOUTS))
+def test_pretrain_recipes_use_the_published_layout(name: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    p = cfg.parallel
+    assert (p.tp, p.pp, p.sp, cfg.launch.nproc_per_node * cfg.launch.nnodes) == PUBLISHED_LAYOUTS[name]
+    assert "Layout source:" in (CONFIGS / f"{name}.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", PRETRAIN_RECIPES)
+def test_pretrain_recipe_fits_its_device(name: str) -> None:
+    """`plan` (the te spec on the default device, an H100) must leave the reserve free."""
+    from nemotron_train.platform.devices import DEFAULT_DEVICE, get_device
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    plan = compute_plan(cfg, device=get_device(DEFAULT_DEVICE), spec="te")
+    fit = plan["device"]
+    assert fit["fits"], (name, plan["memory_per_gpu_bytes"] / 2**30, fit)
+    assert fit["headroom_bytes"] == fit["memory_bytes"] - plan["memory_per_gpu_bytes"]
 
 
 def test_smoke_has_every_layer_type_and_is_tiny() -> None:

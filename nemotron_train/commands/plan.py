@@ -72,9 +72,12 @@ def format_plan(plan: Dict[str, Any]) -> str:
     lines += [
         "",
         f"memory per GPU: {_fmt_bytes(plan['memory_per_gpu_bytes'])} (stage {plan['memory_heaviest_stage']}: {breakdown})",
+        _activation_line(plan),
         *_fit_lines(plan),
         f"model FLOPs per token (fwd+bwd): {_fmt_count(plan['flops_per_token'])} ({flops}); "
         f"6 x params = {_fmt_count(6 * plan['total_params'])}",
+        f"hardware FLOPs per token (HFU, with recompute): {_fmt_count(plan['hardware_flops_per_token'])} "
+        f"({plan['hardware_flops_per_token'] / plan['flops_per_token']:.3f} x model FLOPs)",
         f"per step: {plan['tokens_per_step']:,} tokens in {plan['num_microbatches']} micro-batches per DP rank, "
         f"{plan['flops_per_step']:.3e} FLOPs",
     ]
@@ -91,6 +94,13 @@ def resolve_for_device(cfg, world_size: int, device: str):
         return resolve_run(cfg, world_size, Platform("cpu", "gloo"), capability=None, missing_kernels=[])
     return resolve_run(cfg, world_size, Platform("cuda", "nccl"), capability=get_device(device).capability,
                        missing_kernels=[], te_version=TARGET_TE_VERSION)
+
+
+def _activation_line(plan: Dict[str, Any]) -> str:
+    st = plan["stages"][plan["memory_heaviest_stage"]]
+    parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in st["activation_breakdown_per_microbatch"].items() if v)
+    return (f"activations per micro-batch (recompute {plan['recompute']}): "
+            f"{_fmt_bytes(st['activation_bytes_per_microbatch'])} ({parts}) x {st['microbatches_in_flight']} in flight")
 
 
 def _fit_lines(plan: Dict[str, Any]) -> list:
@@ -129,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(fields, indent=2) if args.json else format_engine(fields))
         sys.stdout.flush()
         return 0
-    plan = compute_plan(cfg, world_size, device=None if args.device == CPU_DEVICE else get_device(args.device))
+    plan = compute_plan(cfg, world_size, device=None if args.device == CPU_DEVICE else get_device(args.device),
+                        spec=run.spec)
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

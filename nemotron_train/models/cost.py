@@ -27,15 +27,12 @@ Memory per GPU (bytes, heaviest pipeline stage):
   optimizer fp32 master copy (when params are bf16) + Adam exp_avg and exp_avg_sq (SGD: momentum),
             divided by the data-parallel size with the distributed optimizer
   fp8 cache FP8 weight copies (row- and column-wise, 1 byte each) of the FP8 layers' weights
-  activations: sum of the tensors each layer saves for backward, per micro-batch, with flash
-            attention, no recomputation and no dropout, in the parameter dtype (FP8 GEMM inputs
-            are counted at that width too, so this is an upper bound with FP8): per token,
-              Mamba-2   2*h/sp + (W + (d_inner + 2*G*N) + 2*d_inner)/t elements + fp32 dt, dA
-              attention 2*h/sp + (nq*d + 2*nkv*d + nq*d)/t elements + fp32 softmax stats
-              MLP       2*h/sp + 2*ffn/t elements
-            with sp = t under sequence parallelism else 1, plus the embedding output on the first
-            stage and the final norm, output-layer input and fp32 logits (V/t) on the last. The
-            1F1B schedule keeps min(pp - stage, micro-batches per step) micro-batches in flight.
+  activations: what each layer saves for backward per micro-batch, by layer spec and
+            recompute mode (models/activations.py), plus the embedding's token ids on the first
+            stage and the final norm and fp32 logits on the last. The 1F1B schedule keeps
+            min(pp - stage, micro-batches per step) micro-batches in flight.
+Recompute also repeats forward work: `hardware_flops_per_token` (HFU) adds it to the model
+FLOPs (MFU), as Megatron reports them.
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ from typing import Any, Dict, Optional
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.config.validate import mamba_d_inner, mamba_in_proj_width
 from nemotron_train.config.pattern import ATTENTION, LAYER_CHARS, MAMBA, MLP, layer_name, split_stages
+from nemotron_train.models.activations import recompute_flops_per_token, stage_bytes_per_token
 from nemotron_train.platform.devices import Device
 
 GIB = 1024**3
@@ -58,7 +56,6 @@ FIT_RESERVE = 0.05
 class LayerCost:
     params: int  # whole layer
     params_per_rank: int  # one TP rank's share
-    act_bytes_per_token: float  # saved for backward, one TP rank
     flops_per_token: float  # forward only
 
 
@@ -69,30 +66,23 @@ def _dtype_bytes(dtype: str) -> int:
 def _layer_cost(cfg: Config, char: str) -> LayerCost:
     m, tp = cfg.model, cfg.parallel.tp
     h, s = m.hidden_size, cfg.train.seq_length
-    act = _dtype_bytes(cfg.precision.params_dtype)
-    # Sequence parallelism shards the h-wide tensors around each layer across the TP group.
-    h_rank = h / tp if cfg.parallel.sp and tp > 1 else h
-    norm_acts = 2 * h_rank * act  # layer input (residual) and norm output
     if char == MAMBA:
         d_inner, heads = mamba_d_inner(m), m.mamba_num_heads
         conv_ch = d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim
         width = mamba_in_proj_width(m)
         sharded = h * width + conv_ch * m.conv_kernel + conv_ch + 3 * heads + d_inner + d_inner * h
-        acts = norm_acts + (width + conv_ch + 2 * d_inner) / tp * act + 2 * heads / tp * 4
         flops = 2 * h * width + 7 * d_inner * m.mamba_state_dim + 2 * d_inner * h
     elif char == ATTENTION:
         q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
         sharded = h * (q + 2 * kv) + q * h
-        acts = norm_acts + (q + 2 * kv + q) / tp * act + m.num_attention_heads / tp * 4
         p = q / h
         flops = 4 * h * p * (h + h * m.num_query_groups / m.num_attention_heads + s / 2)
     else:
         assert char == MLP, char
         sharded = 2 * h * m.ffn_hidden_size
-        acts = norm_acts + 2 * m.ffn_hidden_size / tp * act
         flops = 4 * h * m.ffn_hidden_size
     assert sharded % tp == 0, (char, sharded, tp)  # validate_config checked the divisibility
-    return LayerCost(h + sharded, h + sharded // tp, acts, flops)
+    return LayerCost(h + sharded, h + sharded // tp, flops)
 
 
 def _vocab_per_rank(m: ModelConfig, tp: int) -> int:
@@ -121,26 +111,28 @@ def _optimizer_bytes_per_param(cfg: Config) -> int:
     return master + states
 
 
+def _place(key: str) -> str:
+    return layer_name(key) if key in LAYER_CHARS else key
+
+
 def _stage_plan(cfg: Config, costs: Dict[str, LayerCost], stage: int, layers: str, first: int,
-                dp: int, num_micro: int) -> Dict[str, Any]:
+                dp: int, num_micro: int, spec: str) -> Dict[str, Any]:
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tp, p.pp
-    act = _dtype_bytes(cfg.precision.params_dtype)
-    h_rank = m.hidden_size / tp if p.sp and tp > 1 else m.hidden_size
     vocab_rank = _vocab_per_rank(m, tp)
     params = sum(costs[c].params_per_rank for c in layers)
-    act_per_token = sum(costs[c].act_bytes_per_token for c in layers)
     if stage == 0:
         params += vocab_rank * m.hidden_size
-        act_per_token += h_rank * act  # embedding output
     if stage == pp - 1:
         # An untied output layer, or with pp > 1 the last stage's copy of the tied embedding.
         if m.untie_embeddings_and_output_weights or pp > 1:
             params += vocab_rank * m.hidden_size
         params += m.hidden_size  # final norm
-        act_per_token += 2 * h_rank * act + vocab_rank * 4  # final norm in/out, fp32 logits
+    # Saved activations by place (models/activations.py), recompute included.
     tokens = cfg.train.micro_batch_size * cfg.train.seq_length
-    act_bytes = int(act_per_token * tokens)
+    act_places = {_place(k): int(v * tokens) for k, v in
+                  stage_bytes_per_token(cfg, spec, layers, stage == 0, stage == pp - 1, vocab_rank).items()}
+    act_bytes = sum(act_places.values())
     in_flight = min(pp - stage, num_micro)
     memory = _stage_memory(cfg, costs, layers, first, params, dp)
     memory["activations"] = act_bytes * in_flight
@@ -152,6 +144,7 @@ def _stage_plan(cfg: Config, costs: Dict[str, LayerCost], stage: int, layers: st
         "layer_counts": {layer_name(c): layers.count(c) for c in LAYER_CHARS},
         "params_per_rank": params,
         "activation_bytes_per_microbatch": act_bytes,
+        "activation_breakdown_per_microbatch": act_places,
         "microbatches_in_flight": in_flight,
         "memory_bytes": memory,
         "memory_total_bytes": sum(memory.values()),
@@ -198,22 +191,46 @@ def device_fit(memory_bytes: int, device: Device) -> Dict[str, Any]:
             "reserve_bytes": reserve, "fits": headroom >= reserve}
 
 
-def compute_plan(cfg: Config, world_size: Optional[int] = None, device: Optional[Device] = None) -> Dict[str, Any]:
+def _recompute_summary(cfg: Config) -> str:
+    rc = cfg.recompute
+    if rc.granularity == "full":
+        return f"full, {rc.method}, {rc.num_layers} layer(s)"
+    if rc.granularity == "selective":
+        return "selective: " + ", ".join(rc.modules)
+    return "none"
+
+
+def _recompute_flops(cfg: Config, costs: Dict[str, LayerCost], stages) -> float:
+    """Forward FLOPs per token that recomputation repeats, over all pipeline stages."""
+    m = cfg.model
+    q = m.num_attention_heads * m.kv_channels
+    core_attn = 2 * q * cfg.train.seq_length  # causal QK^T and AV: 4*h*p*s/2
+    scan = 7 * mamba_d_inner(m) * m.mamba_state_dim
+    layer_flops = {c: costs[c].flops_per_token for c in LAYER_CHARS}
+    return sum(recompute_flops_per_token(cfg, layer_flops, st["layers"], core_attn, scan) for st in stages)
+
+
+def compute_plan(cfg: Config, world_size: Optional[int] = None, device: Optional[Device] = None,
+                 spec: Optional[str] = None) -> Dict[str, Any]:
     """Layout, parameter counts, per-GPU memory and model FLOPs of a run (see module docstring);
     with a `device`, also whether the heaviest stage fits it (`device_fit`).
 
     `cfg` must be valid for `world_size` ranks (default: launch.nproc_per_node x nnodes):
-    callers resolve it first (nemotron_train.resolve), which is where errors are reported."""
+    callers resolve it first (nemotron_train.resolve), which is where errors are reported.
+    `spec` is the resolved layer spec (activations differ between te and local); by default
+    model.spec, or te for `auto` (a plan is for the GPU)."""
     if world_size is None:
         world_size = cfg.launch.nproc_per_node * cfg.launch.nnodes
     p = cfg.parallel
     dp = world_size // (p.tp * p.pp * p.cp)
     m, p, t = cfg.model, cfg.parallel, cfg.train
     costs = {c: _layer_cost(cfg, c) for c in LAYER_CHARS}
+    if spec is None:
+        spec = "te" if m.spec == "auto" else m.spec
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     stages, first = [], 0
     for index, layers in enumerate(split_stages(m.pattern, p.pp)):
-        stages.append(_stage_plan(cfg, costs, index, layers, first, dp, num_micro))
+        stages.append(_stage_plan(cfg, costs, index, layers, first, dp, num_micro, spec))
         first += len(layers)
     heaviest = max(stages, key=lambda st: st["memory_total_bytes"])
     flops = _flops(cfg, costs)
@@ -235,6 +252,9 @@ def compute_plan(cfg: Config, world_size: Optional[int] = None, device: Optional
         "flops_per_token": flops_per_token,
         "flops_per_token_breakdown": flops,
         "flops_per_step": flops_per_token * tokens_per_step,
+        # Model FLOPs (MFU) count the work once; hardware FLOPs (HFU) add what recompute repeats.
+        "recompute": _recompute_summary(cfg),
+        "hardware_flops_per_token": flops_per_token + _recompute_flops(cfg, costs, stages),
         "memory_per_gpu_bytes": heaviest["memory_total_bytes"],
         "memory_breakdown_bytes": heaviest["memory_bytes"],
         "memory_heaviest_stage": heaviest["stage"],

@@ -141,6 +141,10 @@ class HybridStack(MegatronModule):
         spec = submodules.attention_layer if kind == ATTENTION else submodules.mlp_layer
         layer = build_module(spec, config=config, layer_number=global_number - mcore_offset, pg_collection=self.pg_collection)
         assert layer.layer_number == global_number, (layer.layer_number, global_number)
+        if isinstance(layer.mlp, IdentityOp):
+            # Selective `mlp` recompute would checkpoint the attention layer's identity MLP,
+            # keeping the layer output for nothing.
+            layer.recompute_mlp = False
         return layer
 
     def set_input_tensor(self, input_tensor: Tensor) -> None:
