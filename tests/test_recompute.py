@@ -56,6 +56,13 @@ def test_bad_recompute_config_names_the_key(overrides, needles):
         assert needle in str(err.value), (needle, str(err.value))
 
 
+def test_full_recompute_refuses_partial_cuda_graphs():
+    cfg = load_config(ROOT / "configs" / "nemotron_h_56b_pretrain.yaml",
+                      ["recompute.granularity=full", "recompute.modules=[]"])
+    with pytest.raises(ConfigError, match="cuda_graph_scope=\\['mamba'\\].*full-iteration CUDA graph"):
+        validate_config(cfg, cfg.launch.nproc_per_node * cfg.launch.nnodes)
+
+
 def test_chunks_cover_the_stage():
     assert recomputed_chunks(5, None, 2) == [(0, 5, False)]
     assert recomputed_chunks(5, "uniform", 2) == [(0, 2, True), (2, 4, True), (4, 5, True)]
@@ -133,3 +140,31 @@ def test_measured_activation_bytes_drop_and_match_plan(measured):
     assert measured["selective mamba"]["Mamba-2"][0] < 0.5 * measured["none"]["Mamba-2"][0]
     assert measured["selective mlp"]["MLP"][0] < measured["none"]["MLP"][0]
     assert measured["selective norm"]["attention"][0] < measured["none"]["attention"][0]
+
+
+# --------------------------------------------------------------------------- te spec fields
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["recompute.granularity=selective", "recompute.modules=[norm,mamba,core_attn,mlp]"],
+     {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}),
+    (["recompute.granularity=full", "recompute.method=block", "recompute.num_layers=4", "recompute.modules=[]",
+      "performance.cuda_graph_impl=none"],
+     {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 4}),
+])
+def test_te_spec_recompute_fields_are_accepted_by_mcore(overrides, expected):
+    """For the GPU spec, planned without a GPU: the fields megatron-core gets, and that its
+    TransformerConfig accepts them with FP8 delayed scaling (which refuses `layernorm`)."""
+    from megatron.core.transformer import TransformerConfig
+
+    from nemotron_train.commands.plan import resolve_for_device
+    from nemotron_train.models.build import transformer_kwargs
+
+    cfg = load_config(ROOT / "configs" / "nemotron_h_56b_pretrain.yaml", ["precision.fp8.recipe=delayed",
+                                                                          "precision.fp8.first_last_layers_bf16=0",
+                                                                          "performance.tp_comm_overlap=false", *overrides])
+    run = resolve_for_device(cfg, cfg.launch.nproc_per_node * cfg.launch.nnodes, "h100")
+    assert run.spec == "te"
+    kwargs = transformer_kwargs(run)
+    assert {k: kwargs[k] for k in expected} == expected
+    TransformerConfig(**kwargs)

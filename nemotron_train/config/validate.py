@@ -315,6 +315,14 @@ def _check_recompute(cfg: Config) -> None:
                 f"recompute.num_layers={rc.num_layers} must be between 1 and the layers of the largest pipeline "
                 f"stage ({most}) with recompute.granularity=full"
             )
+        perf = cfg.performance
+        if perf.cuda_graph_impl != "none" and list(perf.cuda_graph_scope) != ["full_iteration"]:
+            raise ConfigError(
+                f"recompute.granularity=full with performance.cuda_graph_impl={perf.cuda_graph_impl} and "
+                f"performance.cuda_graph_scope={list(perf.cuda_graph_scope)}: megatron-core recomputes whole "
+                "layers only under a full-iteration CUDA graph; set performance.cuda_graph_impl=none, "
+                "performance.cuda_graph_scope=[full_iteration], or use recompute.granularity=selective"
+            )
 
 
 # --------------------------------------------------------------------------- entry point

@@ -72,7 +72,7 @@ def transformer_kwargs(run: ResolvedRun) -> dict:
         **performance_transformer_kwargs(run),
         deterministic_mode=cfg.train.deterministic,
         **_te_fp8_kwargs(cfg, run.fp8_backend),
-        **mcore_recompute_kwargs(rc.granularity, rc.method, rc.num_layers, rc.modules),
+        **mcore_recompute_kwargs(rc.granularity, rc.method, rc.num_layers, rc.modules, run.spec),
     )
 
 

@@ -27,14 +27,18 @@ from megatron.core.utils import deprecate_inference_params
 MCORE_MODULES = {"core_attn": "core_attn", "mlp": "mlp", "norm": "layernorm"}
 
 
-def mcore_recompute_kwargs(granularity: str, method: str, num_layers: int, modules: Sequence[str]) -> Dict:
+def mcore_recompute_kwargs(granularity: str, method: str, num_layers: int, modules: Sequence[str],
+                           spec: str = "local") -> Dict:
     """TransformerConfig fields for a `recompute` section. `full` is carried out by
     HybridStack (which reads these fields, as mcore's TransformerBlock does); `selective`
-    by mcore's layers for the modules it knows."""
+    by mcore's layers for the modules it knows. The te spec fuses the pre-norms into the next
+    linear, so `norm` has nothing to recompute there and is not passed on (mcore would refuse
+    it with FP8 delayed scaling)."""
     if granularity == "full":
         return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
     if granularity == "selective":
-        return dict(recompute_granularity="selective", recompute_modules=[MCORE_MODULES[m] for m in modules if m in MCORE_MODULES])
+        wanted = [m for m in modules if m in MCORE_MODULES and not (spec == "te" and m == "norm")]
+        return dict(recompute_granularity="selective", recompute_modules=[MCORE_MODULES[m] for m in wanted])
     return {}
 
 
