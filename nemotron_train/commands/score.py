@@ -45,14 +45,20 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, flag: str) -> None:
         raise ScoreError(f"{flag}: token ids {bad[:5]} are outside the model's vocabulary [0, {vocab_size})")
 
 
-def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal LM logits [b, s, V] for tokens [b, s] (mcore returns [b, s, V] without labels)."""
+def forward_logits(
+    model: torch.nn.Module, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Causal LM logits [b, s, V] for tokens [b, s] (mcore returns [b, s, V] without labels).
+    With `vocab_size` (model.vocab_size), the padding rows of the vocabulary are dropped, so
+    the distribution is the one an exported model gives."""
     import torch
 
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     with torch.no_grad():
-        return model(tokens, position_ids, None)
+        logits = model(tokens, position_ids, None)
+    return logits if vocab_size is None else logits[..., :vocab_size]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,12 +69,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def score_token_ids(model: torch.nn.Module, ids: Sequence[int], device: torch.device) -> Tuple[List[float], float]:
+def score_token_ids(
+    model: torch.nn.Module, ids: Sequence[int], device: torch.device, vocab_size: Optional[int] = None
+) -> Tuple[List[float], float]:
     """log p(token_t | tokens_<t) for t >= 1, and their mean negative log-likelihood."""
     import torch
 
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    logits = forward_logits(model, tokens)
+    logits = forward_logits(model, tokens, vocab_size=vocab_size)
     lp = token_logprobs(logits[:, :-1], tokens[:, 1:])[0]
     return [float(x) for x in lp.cpu()], float(-lp.mean())
 
@@ -102,7 +110,7 @@ def score_dataset(
         if top >= vocab_size:
             raise ScoreError(f"--data: token id {top} is outside the model's vocabulary ({vocab_size}); the data was tokenised for another model")
         positions = _stack(items, "position_ids").long().to(device) if "position_ids" in items[0] else None
-        nll = -token_logprobs(forward_logits(model, tokens, positions), labels)
+        nll = -token_logprobs(forward_logits(model, tokens, positions, vocab_size), labels)
         total_nll += float((nll * mask).sum())
         total_tokens += float(mask.sum())
         batches += 1
@@ -194,7 +202,7 @@ def _score(args: argparse.Namespace) -> int:
                     if args.token_ids is not None
                     else tokenize_text(cfg, args.text)
                 )
-                logprobs, nll = score_token_ids(loaded.model, ids, loaded.device)
+                logprobs, nll = score_token_ids(loaded.model, ids, loaded.device, cfg.model.vocab_size)
         finally:
             end_single_process()
     if args.data:

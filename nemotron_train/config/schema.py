@@ -74,6 +74,9 @@ class ModelConfig:
     # Implementation of the layers: te (TransformerEngine + mamba-ssm), local (pure torch), auto.
     spec: Spec = "auto"
 
+    # The model holds vocab_size rounded up to a multiple of this x parallel.tp rows (as
+    # Megatron's --make-vocab-size-divisible-by); exports keep the true vocab_size.
+    make_vocab_size_divisible_by: int = 128
 
 @dataclass
 class ParallelConfig:

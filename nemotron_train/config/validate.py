@@ -59,7 +59,7 @@ def _check_model(cfg: Config) -> None:
         )
     for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
                 "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "conv_kernel",
-                "chunk_size", "vocab_size", "max_position_embeddings"):
+                "chunk_size", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):
         _at_least(f"model.{key}", getattr(m, key), 1)
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(

@@ -47,6 +47,7 @@ from nemotron_train.hf.mapping import (
     weight_layout_differences,
 )
 
+from nemotron_train.models.vocab import VOCAB_WEIGHTS, pad_vocab, unpad_vocab
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -65,9 +66,14 @@ def single_process_config(cfg: Config, spec: str) -> Config:
     the config of an import, whose data section is still to be filled in, builds too."""
     base = Config()
     return dataclasses.replace(
+    # The vocabulary keeps the padding of cfg's TP size (models/vocab.py), so the weights of
+    # a checkpoint written at any TP size load.
+    divisor = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
         base,
         run=cfg.run,
-        model=dataclasses.replace(cfg.model, pattern=layer_types(cfg.model.pattern), spec=spec),
+        model=dataclasses.replace(
+            cfg.model, pattern=layer_types(cfg.model.pattern), spec=spec, make_vocab_size_divisible_by=divisor
+        ),
         parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, sp=False, cp=1),
         precision=dataclasses.replace(cfg.precision, fp8=dataclasses.replace(cfg.precision.fp8, enabled=False)),
         train=dataclasses.replace(
@@ -297,7 +303,7 @@ def export_hf(
         dtype = dtype or cfg.precision.params_dtype
         if dtype not in DTYPE_NAMES:
             raise HFConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
-        hf_sd = to_hf_state_dict(model_weights(loaded.model), cfg.model)
+        hf_sd = to_hf_state_dict(unpad_vocab(model_weights(loaded.model), cfg.model.vocab_size), cfg.model)
         target = DTYPE_NAMES[dtype]
         hf_sd = to_disk_names({k: v.to(target) for k, v in hf_sd.items()})
         with _staged_dir(output) as staging:
@@ -367,7 +373,9 @@ def _load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> N
         extra = sorted(set(weights) - set(by_canonical))
         raise HFConversionError(f"converted weights do not match the model: missing {missing[:8]}, unexpected {extra[:8]}")
     for key, tensor in weights.items():
-        state[by_canonical[key]] = tensor
+        state[by_canonical[key]] = pad_vocab({key: tensor}, rows[key])[key] if key in rows else tensor
+    # HF holds the true vocabulary; the model's padding rows start at zero.
+    rows = {k: state[by_canonical[k]].shape[0] for k in VOCAB_WEIGHTS if k in by_canonical}
     model.load_state_dict(state, strict=True)
 
 

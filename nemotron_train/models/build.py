@@ -15,6 +15,7 @@ from nemotron_train.fp8 import layer_fp8_context
 from nemotron_train.models.engine_config import init_tp_comm_overlap, performance_transformer_kwargs
 from nemotron_train.models.recompute import fix_checkpoint_without_output, mcore_recompute_kwargs
 from nemotron_train.models.specs import local_stack_spec, te_stack_spec
+from nemotron_train.models.vocab import padded_vocab_size
 from nemotron_train.resolve import ResolvedRun
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -29,7 +30,6 @@ def transformer_kwargs(run: ResolvedRun) -> dict:
     """The TransformerConfig fields of a resolved run; FP8 fields are set only for the TE
     backend. `plan --engine` prints exactly these (models/engine_config.py)."""
     cfg = run.cfg
-
     m, p = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.precision.params_dtype]
     on_cpu = run.device_type == "cpu"
@@ -95,6 +95,11 @@ def _te_fp8_kwargs(cfg: Config, backend) -> dict:
     )
 
 
+def mamba_mixer_params(cfg: Config) -> dict:
+    """The Mamba mixer's constructor arguments that come from `model.*` (not TransformerConfig fields)."""
+    return {"d_conv": cfg.model.conv_kernel, "chunk_size": cfg.model.chunk_size}
+
+
 def build_model(run: ResolvedRun, pg_collection: ProcessGroupCollection) -> MambaModel:
     """Build this rank's pipeline stage of the model with the resolved spec and FP8 backend."""
     cfg, backend = run.cfg, run.fp8_backend
@@ -102,20 +107,22 @@ def build_model(run: ResolvedRun, pg_collection: ProcessGroupCollection) -> Mamb
     config = transformer_config(run)
     # Per-layer FP8 context by global layer index (null contexts when FP8 is off).
     layer_context = layer_fp8_context(cfg, backend, amax_reduction_group(pg_collection))
+    mixer_params = mamba_mixer_params(cfg)
     selective = cfg.recompute.modules if cfg.recompute.granularity == "selective" else ()
     fix_checkpoint_without_output()
     if run.spec == "te":
-        stack_spec = te_stack_spec(layer_context, recompute_modules=selective)
+        stack_spec = te_stack_spec(layer_context, mixer_params=mixer_params, recompute_modules=selective)
     else:
         stack_spec = local_stack_spec(
-            backend in ("emulated", "scaled_mm"), layer_context, init_seed=cfg.train.seed, recompute_modules=selective
+            backend in ("emulated", "scaled_mm"), layer_context, init_seed=cfg.train.seed, mixer_params=mixer_params,
+            recompute_modules=selective,
         )
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     layer_types(cfg.model.pattern)  # raises a clear error on a bad pattern
     model = MambaModel(
         config=config,
         mamba_stack_spec=stack_spec,
-        vocab_size=cfg.model.vocab_size,
+        vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tp),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pp_rank == 0,
         post_process=pp_rank == pp_size - 1,

@@ -10,7 +10,7 @@ Parameters (no biases on linear layers; h hidden, V vocab, t = parallel.tp):
   MLP layer: norm h + 2*h*ffn
   (d_inner = H*P with H Mamba heads of dim P, G groups, N state, K conv kernel.)
 Per rank, everything but the pre-layer norms (and the final norm) is sharded t ways; the
-vocabulary is padded up to a multiple of t.
+vocabulary is padded up to a multiple of make_vocab_size_divisible_by x t (models/vocab.py).
 
 Model FLOPs per token follow Megatron-LM's `num_floating_point_operations` hybrid branch
 (s = sequence length, p = nq*d / h, g = KV groups):
@@ -46,6 +46,7 @@ from nemotron_train.config.validate import mamba_d_inner, mamba_in_proj_width
 from nemotron_train.config.pattern import ATTENTION, LAYER_CHARS, MAMBA, MLP, layer_name, split_stages
 from nemotron_train.models.activations import recompute_flops_per_token, stage_bytes_per_token
 from nemotron_train.platform.devices import Device
+from nemotron_train.models.vocab import padded_vocab_size
 
 GIB = 1024**3
 # Share of a device's memory a plan leaves free for what it does not count.
@@ -86,7 +87,8 @@ def _layer_cost(cfg: Config, char: str) -> LayerCost:
 
 
 def _vocab_per_rank(m: ModelConfig, tp: int) -> int:
-    return math.ceil(m.vocab_size / tp)
+    """Rows of the embedding / output layer on one TP rank: the padded vocabulary (models/vocab.py)."""
+    return padded_vocab_size(m, tp) // tp
 
 
 def _param_counts(cfg: Config, costs: Dict[str, LayerCost]) -> Dict[str, int]:
@@ -244,6 +246,10 @@ def compute_plan(cfg: Config, world_size: Optional[int] = None, device: Optional
         "num_layers": len(types),
         "layer_counts": {layer_name(c): types.count(c) for c in LAYER_CHARS},
         "mamba_d_inner": mamba_d_inner(m),
+        # Parameter totals use the true vocabulary (as published counts do); per-rank figures
+        # and memory hold the padded one.
+        "vocab_size": m.vocab_size,
+        "padded_vocab_size": padded_vocab_size(m, p.tp),
         **_param_counts(cfg, costs),
         "params_per_rank": max(st["params_per_rank"] for st in stages),
         "stages": stages,

@@ -33,10 +33,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 class RMSNorm(torch.nn.Module):
     """RMSNorm with mcore's norm constructor `(config, hidden_size, eps)`."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: Optional[float] = None):
         super().__init__()
         self.config = config
-        self.eps = eps
+        # mcore's MambaLayer builds its norm without `eps`: take model.norm_epsilon from the
+        # config then, as TE's norm does.
+        self.eps = config.layernorm_epsilon if eps is None else eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         # With SP each TP rank sees a different slice of the sequence, so the weight's grad
         # is partial per rank and must be all-reduced over TP (mcore's finalize_model_grads).

@@ -29,8 +29,11 @@ from nemotron_train.models.recompute import RecomputeNormMambaLayer, te_mamba_mi
 from nemotron_train.models.stack import HybridStack, HybridStackSubmodules
 
 def local_stack_spec(
-    fp8_emulation: bool, layer_context: Callable, init_seed: Optional[int] = None, recompute_modules: Sequence[str] = ()
+    fp8_emulation: bool, layer_context: Callable, init_seed: Optional[int] = None, mixer_params: Optional[dict] = None,
+    recompute_modules: Sequence[str] = (),
 ) -> ModuleSpec:
+    """`mixer_params` are the Mamba mixer's own constructor arguments (`d_conv`, `chunk_size`):
+    mcore's `MambaLayer` passes it only the config and the width, so they travel in the spec."""
     from nemotron_train.models.mamba_mixer import MambaMixerSubmodules, TorchMambaMixer
 
     if fp8_emulation:
@@ -45,7 +48,7 @@ def local_stack_spec(
             norm=RMSNorm,
             mixer=ModuleSpec(
                 module=TorchMambaMixer,
-                params={"recompute_ssm": "mamba" in recompute_modules},
+                params={**(mixer_params or {}), "recompute_ssm": "mamba" in recompute_modules},
                 submodules=MambaMixerSubmodules(in_proj=col, out_proj=row),
             ),
             mamba_bda=get_bias_dropout_add,
@@ -83,8 +86,11 @@ def local_stack_spec(
     )
 
 
-def te_stack_spec(layer_context: Callable, recompute_modules: Sequence[str] = ()) -> ModuleSpec:
-    """The GPU spec. Not exercised in CI (no TE/mamba-ssm there); see docs/gpu-validation.md."""
+def te_stack_spec(
+    layer_context: Callable, mixer_params: Optional[dict] = None, recompute_modules: Sequence[str] = ()
+) -> ModuleSpec:
+    """The GPU spec. Not exercised in CI (no TE/mamba-ssm there); see docs/gpu-validation.md.
+    `mixer_params` as in `local_stack_spec`."""
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
@@ -98,7 +104,7 @@ def te_stack_spec(layer_context: Callable, recompute_modules: Sequence[str] = ()
         submodules=MambaLayerSubmodules(
             mixer=ModuleSpec(
                 module=te_mamba_mixer(),
-                params={"recompute_ssm": "mamba" in recompute_modules},
+                params={**(mixer_params or {}), "recompute_ssm": "mamba" in recompute_modules},
                 submodules=MambaMixerSubmodules(in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear),
             ),
             mamba_bda=get_bias_dropout_add,
