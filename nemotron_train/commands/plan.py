@@ -53,9 +53,9 @@ def format_plan(plan: Dict[str, Any]) -> str:
         f"parameters: total {_fmt_count(plan['total_params'])} ({plan['total_params']:,}); "
         f"embedding {_fmt_count(plan['embedding_params'])}, output layer {_fmt_count(plan['output_layer_params'])}, "
         f"layers {_fmt_count(plan['layer_params'])}",
-        "",
         f"vocabulary: {plan['vocab_size']:,} padded to {plan['padded_vocab_size']:,} rows "
         f"(multiple of model.make_vocab_size_divisible_by x parallel.tp)",
+        "",
         f"{'stage':>5}  {'layers':>9}  {'M/*/-':>9}  {'params/rank':>11}  {'act/mb':>10}  {'in flight':>9}  "
         f"{'memory/GPU':>11}  pattern",
     ]

@@ -67,6 +67,9 @@ class ModelConfig:
     conv_kernel: int = 4
     chunk_size: int = 128
     vocab_size: int = 131072
+    # The model holds vocab_size rounded up to a multiple of this x parallel.tp rows (as
+    # Megatron's --make-vocab-size-divisible-by); exports keep the true vocab_size.
+    make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 8192
     norm_epsilon: float = 1e-5
     untie_embeddings_and_output_weights: bool = True
@@ -74,9 +77,6 @@ class ModelConfig:
     # Implementation of the layers: te (TransformerEngine + mamba-ssm), local (pure torch), auto.
     spec: Spec = "auto"
 
-    # The model holds vocab_size rounded up to a multiple of this x parallel.tp rows (as
-    # Megatron's --make-vocab-size-divisible-by); exports keep the true vocab_size.
-    make_vocab_size_divisible_by: int = 128
 
 @dataclass
 class ParallelConfig:

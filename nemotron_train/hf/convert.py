@@ -46,8 +46,8 @@ from nemotron_train.hf.mapping import (
     to_hf_state_dict,
     weight_layout_differences,
 )
-
 from nemotron_train.models.vocab import VOCAB_WEIGHTS, pad_vocab, unpad_vocab
+
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -65,10 +65,10 @@ def single_process_config(cfg: Config, spec: str) -> Config:
     batch sizes, launch, checkpointing) are the defaults, set to be valid for one process:
     the config of an import, whose data section is still to be filled in, builds too."""
     base = Config()
-    return dataclasses.replace(
     # The vocabulary keeps the padding of cfg's TP size (models/vocab.py), so the weights of
     # a checkpoint written at any TP size load.
     divisor = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    return dataclasses.replace(
         base,
         run=cfg.run,
         model=dataclasses.replace(
@@ -372,10 +372,10 @@ def _load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> N
         missing = sorted(set(by_canonical) - set(weights))
         extra = sorted(set(weights) - set(by_canonical))
         raise HFConversionError(f"converted weights do not match the model: missing {missing[:8]}, unexpected {extra[:8]}")
-    for key, tensor in weights.items():
-        state[by_canonical[key]] = pad_vocab({key: tensor}, rows[key])[key] if key in rows else tensor
     # HF holds the true vocabulary; the model's padding rows start at zero.
     rows = {k: state[by_canonical[k]].shape[0] for k in VOCAB_WEIGHTS if k in by_canonical}
+    for key, tensor in weights.items():
+        state[by_canonical[key]] = pad_vocab({key: tensor}, rows[key])[key] if key in rows else tensor
     model.load_state_dict(state, strict=True)
 
 
