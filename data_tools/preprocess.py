@@ -166,8 +166,10 @@ def preprocess(
     tiktoken_pattern: Optional[str] = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     piece_memo: bool = True,
+    allow_empty: bool = False,
 ) -> PreprocessResult:
-    """Tokenize `inputs` into `<output_prefix>_<key>_document.{bin,idx}` per key."""
+    """Tokenize `inputs` into `<output_prefix>_<key>_document.{bin,idx}` per key. An output
+    without a token is refused (DataError, nothing written) unless `allow_empty`."""
     if workers < 1:
         raise DataError(f"--workers {workers}: need at least 1")
     if not json_keys or len(set(json_keys)) != len(json_keys):
@@ -189,6 +191,13 @@ def preprocess(
                 bar.update(unit_result.progress_bytes)
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"{result.records:,} docs, {result.records / elapsed:,.0f} docs/s", refresh=False)
+        empty = [k for k, w in writers.items() if w.tokens == 0]
+        if empty and not allow_empty:
+            raise DataError(
+                f"--input {' '.join(map(str, inputs))}: no tokens for --json-keys {' '.join(empty)} "
+                f"({result.records:,} documents read); check the input files and keys, or pass --allow-empty "
+                "to write an empty dataset anyway"
+            )
         result.outputs = {k: w.finalize(extra) for k, w in writers.items()}
     except BaseException:
         for w in writers.values():
@@ -222,6 +231,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append-eod", action="store_true", help="end every document with the tokenizer's end-of-document token")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip unreadable records (counted and reported) instead of stopping")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset without tokens (with a warning) instead of refusing it")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
 
@@ -229,10 +240,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = preprocess(
         args.input, args.output_prefix, args.tokenizer, args.json_keys, args.append_eod, args.workers,
-        args.skip_bad_lines, args.progress, args.tiktoken_pattern,
+        args.skip_bad_lines, args.progress, args.tiktoken_pattern, allow_empty=args.allow_empty,
     )
     for key, stats in result.outputs.items():
         print(f"{stats.prefix}.bin/.idx: {stats.documents:,} documents, {stats.tokens:,} tokens ({stats.dtype}), key {key!r}")
+        if stats.tokens == 0:
+            print(f"warning: {stats.prefix}.bin holds no tokens (--allow-empty); training on it will fail",
+                  file=sys.stderr)
     print(
         f"{len(result.files)} input file(s), {result.records:,} documents in {result.seconds:.1f}s: "
         f"{result.docs_per_s:,.0f} docs/s, {result.mb_per_s:,.1f} MB/s of input, {args.workers} worker(s)"

@@ -22,7 +22,7 @@ from nemotron_train.config.schema import Config
 from nemotron_train.config.validate import validate_config
 from nemotron_train.errors import ConfigError
 from nemotron_train.fp8.checks import Capability, check_fp8_config, device_capability
-from nemotron_train.platform import Platform, detect_platform, missing_gpu_kernels
+from nemotron_train.platform import Platform, check_environment, detect_platform, missing_gpu_kernels
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ def resolve_run(
     every `auto` choice. Raises ConfigError naming the key for the first problem.
     `capability`, `missing_kernels` and `te_version` default to this machine's; `plan`
     passes those of the GPU it plans for."""
+    check_environment()  # NEMOTRON_TRAIN_* variables, in every launch mode
     dp_size = validate_config(cfg, world_size)
     platform = platform or detect_platform()
     if missing_kernels is None:

@@ -16,6 +16,7 @@ from typing import Any, Dict
 from nemotron_train.config.loader import load_config
 from nemotron_train.models.cost import GIB, compute_plan
 from nemotron_train.platform.devices import DEFAULT_DEVICE, device_names, get_device
+from nemotron_train.platform.devices import largest_device
 
 # A GPU plan assumes CUDA + NCCL with TE / mamba-ssm / causal-conv1d present, this TE version
 # and the compute capability of the `--device` (platform/devices.py).
@@ -128,6 +129,18 @@ def format_engine(fields: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _warn_beyond_every_device(memory_bytes: float) -> None:
+    """Whatever --device says, a plan larger than every GPU of the table cannot run anywhere."""
+    largest = largest_device()
+    if memory_bytes > largest.memory_gib * GIB:
+        print(
+            f"warning: memory per GPU {_fmt_bytes(memory_bytes)} exceeds the largest known device "
+            f"({largest.name}, {largest.memory_gib:.1f} GiB); raise parallel.tp / parallel.pp, lower "
+            "train.micro_batch_size or shrink the model",
+            file=sys.stderr,
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     world_size = args.world_size or cfg.launch.nproc_per_node * cfg.launch.nnodes
@@ -143,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     plan = compute_plan(cfg, world_size, device=None if args.device == CPU_DEVICE else get_device(args.device),
                         spec=run.spec)
+    _warn_beyond_every_device(plan["memory_per_gpu_bytes"])
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

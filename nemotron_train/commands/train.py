@@ -9,6 +9,7 @@ files and the port, and then starts the local ranks through torchrun itself.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 import sys
@@ -43,7 +44,17 @@ def _check_port(cfg: Config) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((cfg.launch.master_addr, cfg.launch.master_port))
-        except OSError:
+        except socket.gaierror:
+            raise ConfigError(
+                f"launch.master_addr={cfg.launch.master_addr!r} is not a host name or address this machine can "
+                "resolve; a single-node run uses launch.master_addr=127.0.0.1"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(
+                    f"launch.master_addr={cfg.launch.master_addr} cannot be bound on this machine ({exc.strerror}); "
+                    "a single-node run hosts the rendezvous itself, so use one of its addresses, e.g. 127.0.0.1"
+                ) from None
             raise ConfigError(
                 f"launch.master_port={cfg.launch.master_port} on {cfg.launch.master_addr} is already in use "
                 f"(another run?); pick a free port, e.g. launch.master_port={cfg.launch.master_port + 1}"

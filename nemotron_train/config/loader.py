@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -31,17 +32,72 @@ _ENV_RE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
 # --------------------------------------------------------------------------- raw YAML
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` entries may be overridden by explicit keys
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None,
+                            f"duplicate key {key!r} (first given on line {first_line[key] + 1}); keep one of them",
+                            key_node.start_mark,
+                        )
+                    first_line[key] = key_node.start_mark.line
+                except TypeError:
+                    pass  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: `line L, column C: problem` (PyYAML's own text spans several)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{context}: {problem}" if context and "duplicate key" not in problem else problem
+    text = " ".join(str(text).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
+
+
+def _check_acyclic(value: Any, path: Any, _ancestors: Tuple[int, ...] = ()) -> None:
+    """A self-referential anchor (`a: &x [*x]`) loads as a cyclic structure; refuse it here
+    rather than recurse forever when merging."""
+    if not isinstance(value, (dict, list)):
+        return
+    if id(value) in _ancestors:
+        raise ConfigError(f"{path}: a YAML anchor refers to itself (e.g. `a: &x [*x]`); a config must be a tree")
+    children = value.values() if isinstance(value, dict) else value
+    for child in children:
+        _check_acyclic(child, path, _ancestors + (id(value),))
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        # Configs are UTF-8 whatever the locale (LC_ALL=C would otherwise decode them as ASCII).
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_error_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    _check_acyclic(data, path)
     return data
 
 
@@ -74,7 +130,9 @@ def load_raw(path: str | Path, origins: Optional[Dict[str, str]] = None, _seen: 
     bases = data.pop("base", None)
     merged: Dict[str, Any] = {}
     if bases is not None:
-        for base in [bases] if isinstance(bases, str) else list(bases):
+        if not isinstance(bases, (str, list)):
+            raise ConfigError(f"{path}: `base:` must be a file name or a list of file names, got {bases!r}")
+        for base in [bases] if isinstance(bases, str) else bases:
             if not isinstance(base, str):
                 raise ConfigError(f"{path}: `base:` must be a file name or a list of file names, got {base!r}")
             base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
@@ -99,6 +157,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str], origins: Dict
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
+        _check_acyclic(value, f"override {dotted}")
         node = raw
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -183,10 +242,13 @@ def _coerce(value: Any, tp: Any, dotted: str, origins: Dict[str, str]) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             try:
-                return float(value)  # YAML reads `1e-5` as a string
-            except (TypeError, ValueError):
+                value = float(value)  # YAML reads `1e-5` as a string
+            except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"{dotted} (from {where}): expected a number, got {value!r}") from None
-        return float(value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{dotted} (from {where}): expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{dotted} (from {where}): expected a string, got {value!r}")

@@ -8,6 +8,7 @@ raised before any process group is created or any weight is allocated.
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import Iterable
 
@@ -21,6 +22,8 @@ from nemotron_train.config.pattern import layer_types, split_stages
 
 # Allowed values come from the schema's Literal types (the single list of them).
 TOKENIZER_PREFIXES = tuple(f"{kind}:" for kind in choices(FileTokenizer))
+# Signals a process cannot handle, so they cannot be a graceful-stop request.
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 # FP8 GEMMs (TransformerEngine) need every GEMM dimension to be a multiple of 16.
 FP8_ALIGNMENT = 16
 
@@ -215,7 +218,7 @@ def _check_optimizer(cfg: Config) -> None:
         _at_least("scheduler.decay_steps", s.decay_steps, 1)
     decay = s.decay_steps if s.decay_steps is not None else cfg.train.steps
     if s.wsd_decay_steps is not None:
-        _at_least("scheduler.wsd_decay_steps", s.wsd_decay_steps, 0)
+        _at_least("scheduler.wsd_decay_steps", s.wsd_decay_steps, 1, " (null: a tenth of the decay horizon)")
         if s.wsd_decay_steps > decay:
             raise ConfigError(
                 f"scheduler.wsd_decay_steps={s.wsd_decay_steps} is longer than the decay horizon "
@@ -226,19 +229,34 @@ def _check_optimizer(cfg: Config) -> None:
 def _check_train(cfg: Config) -> None:
     t, c, m = cfg.train, cfg.checkpoint, cfg.model
     _at_least("train.steps", t.steps, 1)
+    s = cfg.scheduler
+    decay = s.decay_steps if s.decay_steps is not None else t.steps
+    if s.warmup_steps > decay:
+        raise ConfigError(
+            f"scheduler.warmup_steps={s.warmup_steps} runs past the end of the schedule "
+            f"(scheduler.decay_steps or train.steps = {decay}), so the LR would never reach optimizer.lr; "
+            "shorten the warmup or lengthen the run"
+        )
     _at_least("train.seq_length", t.seq_length, 1)
     if t.seq_length > m.max_position_embeddings:
         raise ConfigError(
             f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
             "shorten the sequence or raise max_position_embeddings"
         )
-    _at_least("train.log_interval", t.log_interval, 0)
+    _at_least("train.log_interval", t.log_interval, 1, " (log every N steps)")
     _at_least("train.eval_interval", t.eval_interval, 0, " (0 = evaluate only at the end)")
     _at_least("train.eval_iters", t.eval_iters, 0)
     if t.exit_duration_minutes is not None and t.exit_duration_minutes <= 0:
         raise ConfigError(f"train.exit_duration_minutes={t.exit_duration_minutes} must be > 0, or null to disable")
-    if not t.exit_signal.startswith("SIG") or not hasattr(signal, t.exit_signal):
+    if t.exit_signal not in signal.Signals.__members__:
         raise ConfigError(f"train.exit_signal={t.exit_signal!r} is not a signal name; use e.g. SIGTERM or SIGUSR1")
+    if t.exit_signal in UNCATCHABLE_SIGNALS:
+        raise ConfigError(
+            f"train.exit_signal={t.exit_signal} cannot be caught, so it cannot ask for a clean stop; "
+            "use e.g. SIGTERM or SIGUSR1"
+        )
+    if not cfg.run.output_dir.strip():
+        raise ConfigError("run.output_dir is empty; name the directory the run writes to (e.g. runs/my-run)")
     _at_least("checkpoint.interval", c.interval, 0, " (0 = save only at the end)")
     _at_least("checkpoint.keep_last", c.keep_last, 1)
 
@@ -248,7 +266,7 @@ def _check_split(split: str) -> None:
         parts = [float(x) for x in split.split(",")]
     except ValueError:
         parts = []
-    if not 1 <= len(parts) <= 3 or min(parts) < 0 or sum(parts) <= 0:
+    if not 1 <= len(parts) <= 3 or not all(math.isfinite(p) for p in parts) or min(parts) < 0 or sum(parts) <= 0:
         raise ConfigError(f"data.split={split!r} must be up to three non-negative weights like '99,1,0'")
 
 

@@ -5,11 +5,12 @@ seed, sequence length, split, sample count, tokenizer) and trusts any file with 
 name. Re-preprocessing a dataset in place keeps the name, so it would silently reuse
 indices built for the old documents. We keep a sidecar, `nemotron_cache_manifest.json`,
 with each dataset's file sizes, modification times and `.idx` checksum when its indices
-were built. Before building we compare:
+were built. Sample indices depend on the `.idx` only (document lengths), and the `.idx` is
+small next to the `.bin`, so it is hashed on every check: sizes and times alone would pass a
+dataset replaced with `cp -p` or `rsync -a`, which keep them. Before building we compare:
 
-- sizes and times equal: fresh;
-- they differ but the `.idx` checksum is equal (a copy, a touch): fresh, the times are
-  updated (sample indices depend on the `.idx` only);
+- `.bin` size and `.idx` checksum equal: fresh (times that moved, by a copy or a touch, are
+  updated);
 - otherwise, or a cached entry names a dataset the manifest does not know: stale. Its
   cached files are deleted and rebuilt with a message, or `StaleCacheError` is raised.
 
@@ -127,8 +128,6 @@ def _dataset_change(prefix: str, record: Optional[Dict[str, Any]], in_cache: boo
     now = _stat(prefix)
     if record is None:
         return "its cached indices were built without a manifest entry (unknown dataset files)" if in_cache else None
-    if all(record.get(k) == v for k, v in now.items()):
-        return None
     if record.get("bin_size") == now["bin_size"] and record.get("idx_sha256") == _idx_sha256(prefix):
         record.update(now)  # same content, new times (copied or touched)
         return None

@@ -6,16 +6,25 @@ mismatched `.bin`, token ids outside the vocabulary) with an error naming the fi
 sequence count N (uint64), document count D (uint64), N int32 lengths, N int64 byte
 pointers into the `.bin`, D int64 document boundaries (sequence indices, 0 first, N last).
 
-The writer also leaves `<prefix>.stats.json` (counts, max token id, file sizes and digests
-of the files' ends) so later checks need not scan a large `.bin` to find its max token id.
+The writer also leaves `<prefix>.stats.json` (counts, max token id) so later checks need not
+scan a large `.bin` to find its max token id. The sidecar is trusted only for the very files
+it was written with: same inode, size and change time (ctime). The kernel sets ctime on every
+write, rename or `touch`, and no tool can set it back (`cp -p` and `rsync -a` restore mtime
+only), so an edit anywhere in the `.bin` makes the next check scan it; a scan's result is
+remembered under the same identity.
+
+The writer commits a pair with the `.idx` last: both files are fsync'd under temporary
+names, the old `.idx` is removed, then the `.bin` and the `.idx` are renamed into place. A
+crash at any point leaves the old pair, or a `.bin` without `.idx` (reported as missing), or
+the new pair; never a `.bin` and an `.idx` that describe different data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,7 +41,7 @@ DTYPE_CODES: Dict[int, Any] = {
     1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
 }
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
-STATS_FORMAT = 1
+STATS_FORMAT = 2  # 2: files identified by inode, size, mtime and ctime (1 trusted size + end digests)
 _SCAN_CHUNK = 1 << 24  # elements per step when scanning a .bin for its max token id
 
 
@@ -56,15 +65,38 @@ def normalize_prefix(path: str) -> str:
     return path
 
 
-def _ends_digest(path: str, size: int, span: int = 1 << 20) -> str:
-    """sha256 of the first and last MiB: cheap, and catches a rewritten file of equal size."""
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(span))
-        if size > span:
-            f.seek(max(span, size - span))
-            h.update(f.read(span))
-    return h.hexdigest()[:32]
+def file_identity(path: str) -> Dict[str, int]:
+    """What changes whenever a file's content may have: a rewrite in place moves size/mtime
+    and ctime, a replacement (`cp -p`, `rsync -a`, `mv`) the inode and ctime. ctime cannot be
+    set from user space, so equal identities mean the file was not written since."""
+    st = os.stat(path)
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+# File times advance in clock ticks (up to 10 ms): a write in the same tick as the last one
+# may leave ctime unchanged. An identity is recorded only once the clock is past that tick,
+# so any later write gets a new ctime.
+_TIME_TICK_NS = 20_000_000
+
+
+def settled_identity(path: str, wait: bool) -> Optional[Dict[str, int]]:
+    """file_identity(path), once a later write is sure to change it: after sleeping out the
+    clock tick of its last change (`wait`), or None if that tick has not passed yet."""
+    ident = file_identity(path)
+    delay = ident["ctime_ns"] + _TIME_TICK_NS - time.time_ns()
+    if delay > 0:
+        if not wait:
+            return None
+        time.sleep(delay / 1e9)
+    return ident
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- writer
@@ -109,7 +141,21 @@ class IndexedWriter:
             if os.path.exists(p):
                 os.remove(p)
 
+    def _commit(self, idx_tmp: str) -> None:
+        """Rename the fsync'd pair into place, `.idx` last (see the module docstring)."""
+        _fsync_path(self._bin_tmp)
+        directory = os.path.dirname(os.path.abspath(self.prefix))
+        for stale in (self.prefix + ".idx", stats_path(self.prefix)):
+            if os.path.exists(stale):
+                os.remove(stale)
+        _fsync_path(directory)
+        os.replace(self._bin_tmp, self.prefix + ".bin")
+        os.replace(idx_tmp, self.prefix + ".idx")
+        _fsync_path(directory)
+
     def finalize(self, extra: Optional[Dict[str, Any]] = None) -> IndexStats:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         n = int(lengths.size)
@@ -126,8 +172,9 @@ class IndexedWriter:
             f.write(lengths.tobytes())
             f.write(pointers.tobytes())
             f.write(np.arange(n + 1, dtype=np.int64).tobytes())
-        os.replace(self._bin_tmp, self.prefix + ".bin")
-        os.replace(idx_tmp, self.prefix + ".idx")
+            f.flush()
+            os.fsync(f.fileno())
+        self._commit(idx_tmp)
         stats = IndexStats(
             prefix=self.prefix, dtype=self.dtype.name, sequences=n, documents=n, tokens=self.tokens,
             max_token_id=self.max_token_id if n else None, min_token_id=self.min_token_id, extra=dict(extra or {}),
@@ -142,12 +189,9 @@ def stats_path(prefix: str) -> str:
 
 def write_stats_sidecar(stats: IndexStats) -> None:
     bin_path, idx_path = stats.prefix + ".bin", stats.prefix + ".idx"
-    bin_size, idx_size = os.path.getsize(bin_path), os.path.getsize(idx_path)
     record = asdict(stats)
-    record.update(
-        format=STATS_FORMAT, bin_size=bin_size, idx_size=idx_size,
-        bin_digest=_ends_digest(bin_path, bin_size), idx_digest=_ends_digest(idx_path, idx_size),
-    )
+    record.update(format=STATS_FORMAT, bin_file=settled_identity(bin_path, wait=True),
+                  idx_file=settled_identity(idx_path, wait=True))
     tmp = f"{stats_path(stats.prefix)}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2)
@@ -155,15 +199,13 @@ def write_stats_sidecar(stats: IndexStats) -> None:
 
 
 def read_trusted_stats(prefix: str) -> Optional[Dict[str, Any]]:
-    """The sidecar, if it still describes these exact files (sizes and end digests)."""
+    """The sidecar, if it still describes these exact files (same identity: see file_identity)."""
     try:
         with open(stats_path(prefix)) as f:
             record = json.load(f)
-        bin_path, idx_path = prefix + ".bin", prefix + ".idx"
-        bin_size, idx_size = os.path.getsize(bin_path), os.path.getsize(idx_path)
-        if record.get("format") != STATS_FORMAT or record["bin_size"] != bin_size or record["idx_size"] != idx_size:
+        if record.get("format") != STATS_FORMAT:
             return None
-        if record["bin_digest"] != _ends_digest(bin_path, bin_size) or record["idx_digest"] != _ends_digest(idx_path, idx_size):
+        if record["bin_file"] != file_identity(prefix + ".bin") or record["idx_file"] != file_identity(prefix + ".idx"):
             return None
         return record
     except (OSError, ValueError, KeyError, TypeError):
@@ -249,7 +291,7 @@ def scan_token_range(prefix: str, dtype: Any) -> Tuple[int, int]:
 
 
 def _remembered_range(path: Optional[str], prefix: str) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
-    """A token range found by an earlier scan of these exact files (size, mtime, digest)."""
+    """A token range found by an earlier scan of this exact `.bin` (same file_identity)."""
     if not path:
         return None, {}
     try:
@@ -257,20 +299,21 @@ def _remembered_range(path: Optional[str], prefix: str) -> Tuple[Optional[Dict[s
             table = json.load(f)
     except (OSError, ValueError):
         table = {}
-    st = os.stat(prefix + ".bin")
-    key = {"bin_size": st.st_size, "bin_mtime_ns": st.st_mtime_ns}
     hit = table.get(prefix)
-    if hit and all(hit.get(k) == v for k, v in key.items()) and hit.get("bin_digest") == _ends_digest(prefix + ".bin", st.st_size):
+    if isinstance(hit, dict) and hit.get("bin_file") == file_identity(prefix + ".bin"):
         return hit, table
     return None, table
 
 
-def _remember_range(path: Optional[str], table: Dict[str, Any], prefix: str, lo: int, hi: int) -> None:
+def _remember_range(
+    path: Optional[str], table: Dict[str, Any], prefix: str, lo: int, hi: int, scanned: Dict[str, int]
+) -> None:
     if not path:
         return
-    st = os.stat(prefix + ".bin")
-    table[prefix] = {"bin_size": st.st_size, "bin_mtime_ns": st.st_mtime_ns,
-                     "bin_digest": _ends_digest(prefix + ".bin", st.st_size), "min_token_id": lo, "max_token_id": hi}
+    ident = settled_identity(prefix + ".bin", wait=False)
+    if ident is None or ident != scanned:
+        return  # written during or just after the scan: scan again next time
+    table[prefix] = {"bin_file": ident, "min_token_id": lo, "max_token_id": hi}
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -289,8 +332,9 @@ def _token_range(prefix: str, dtype: Any, scan: bool, range_cache: Optional[str]
     hit, table = (None, {}) if scan else _remembered_range(range_cache, prefix)
     if hit is not None:
         return hit["min_token_id"], hit["max_token_id"], {}
+    scanned = file_identity(prefix + ".bin")
     lo, hi = scan_token_range(prefix, dtype)
-    _remember_range(range_cache, table, prefix, lo, hi)
+    _remember_range(range_cache, table, prefix, lo, hi, scanned)
     return lo, hi, {}
 
 

@@ -379,6 +379,16 @@ def _load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> N
     model.load_state_dict(state, strict=True)
 
 
+def _read_hf_config(hf_dir: Path) -> Dict[str, Any]:
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HFConversionError(f"--hf {hf_dir}: config.json is not valid JSON ({exc}); re-save the model") from None
+    if not isinstance(hf_config, dict):
+        raise HFConversionError(f"--hf {hf_dir}: config.json holds a {type(hf_config).__name__}, not a JSON object")
+    return hf_config
+
+
 def import_hf(hf_dir: str | Path, output: str | Path, config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> Path:
     """HF NemotronH directory -> model-only run checkpoint + run config YAML in `output`."""
     hf_dir, output = Path(hf_dir), Path(output)
@@ -386,7 +396,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, config_path: Optional[str]
         raise HFConversionError(f"--hf {hf_dir}: no config.json; pass a directory written by save_pretrained")
     if layout.holds_checkpoint(output):
         raise HFConversionError(f"--output {output} already holds a checkpoint; choose a new directory or delete it")
-    hf_config = json.loads((hf_dir / "config.json").read_text())
+    hf_config = _read_hf_config(hf_dir)
     model_cfg = from_hf_config(hf_config, name=hf_dir.resolve().name or "nemotron-h")
     hf_sd = from_disk_names(read_safetensors(hf_dir))
     weights = from_hf_state_dict(hf_sd, model_cfg)  # validates names and shapes before any build

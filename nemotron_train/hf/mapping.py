@@ -416,9 +416,9 @@ def from_hf_config(hf: Mapping[str, Any], name: str = "nemotron-h") -> ModelConf
         if key in hf and hf[key] != wanted:
             raise HFConversionError(f"config.json: {key}={hf[key]!r} cannot be converted ({why}); it must be {wanted!r}")
     pattern = _hf_layer_chars(hf)
-    heads = int(hf["num_attention_heads"])
     default = ModelConfig()
     try:
+        heads = int(hf["num_attention_heads"])
         return ModelConfig(
             name=name,
             pattern=pattern,
@@ -443,6 +443,8 @@ def from_hf_config(hf: Mapping[str, Any], name: str = "nemotron-h") -> ModelConf
         )
     except KeyError as exc:
         raise HFConversionError(f"config.json is missing `{exc.args[0]}`, which a NemotronH config must have") from None
+    except (TypeError, ValueError) as exc:
+        raise HFConversionError(f"config.json: a size or setting is not a number ({exc}); fix the file") from None
 
 
 def hf_dtype(hf: Mapping[str, Any]) -> Optional[str]:

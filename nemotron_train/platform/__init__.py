@@ -7,6 +7,7 @@ calls redirected (see cpu_shim). This is the only place the project branches on 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -35,12 +36,30 @@ class Platform:
         return self.device_type == "cpu"
 
 
+def check_environment() -> None:
+    """The project's environment variables, checked before anything is built, so a bad value
+    is one error naming the variable rather than a traceback at first use."""
+    forced = os.environ.get("NEMOTRON_TRAIN_DEVICE", "").lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ConfigError(f"NEMOTRON_TRAIN_DEVICE={forced!r} is not a device; use cpu or cuda, or unset it")
+    peak = os.environ.get("NEMOTRON_TRAIN_PEAK_TFLOPS")
+    if peak:
+        try:
+            ok = math.isfinite(float(peak)) and float(peak) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"NEMOTRON_TRAIN_PEAK_TFLOPS={peak!r} must be a positive number (TFLOP/s of one device)")
+    compile_flag = os.environ.get("NEMOTRON_TRAIN_CPU_COMPILE")
+    if compile_flag not in (None, "", "0", "1"):
+        raise ConfigError(f"NEMOTRON_TRAIN_CPU_COMPILE={compile_flag!r}: use 1 (torch.compile on CPU) or 0")
+
+
 def detect_platform() -> Platform:
     import torch
 
+    check_environment()
     forced = os.environ.get("NEMOTRON_TRAIN_DEVICE", "").lower()
-    if forced not in ("", "cpu", "cuda"):
-        raise ConfigError(f"NEMOTRON_TRAIN_DEVICE={forced!r}: use 'cpu' or 'cuda'")
     if forced == "cuda" and not torch.cuda.is_available():
         raise ConfigError("NEMOTRON_TRAIN_DEVICE=cuda but no CUDA device is visible")
     if forced != "cpu" and torch.cuda.is_available():

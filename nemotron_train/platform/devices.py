@@ -67,3 +67,8 @@ def match_device(cuda_name: str) -> Optional[Device]:
             if marker in cuda_name and len(marker) > best_len:
                 best, best_len = dev, len(marker)
     return best
+
+
+def largest_device() -> Device:
+    """The device of the table with the most memory (what no plan may exceed)."""
+    return max(DEVICES.values(), key=lambda d: d.memory_gib)
