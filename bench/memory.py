@@ -69,15 +69,17 @@ class SavedTensors:
     """Saved-for-backward storages of one forward, attributed to the module running."""
 
     def __init__(self, model: torch.nn.Module):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
         self.storages: Dict[int, Tuple[str, torch.UntypedStorage]] = {}
         self.where = "embedding"
 
     def pack(self, t: torch.Tensor):
+        # Keyed by the storage object, not its address: a storage freed for recompute keeps
+        # its object alive here, while the allocator may hand its address to a new tensor.
         storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.params and ptr not in self.storages and storage.nbytes() > 0:
-            self.storages[ptr] = (self.where, storage)
+        key = storage._cdata
+        if key not in self.params and key not in self.storages and storage.nbytes() > 0:
+            self.storages[key] = (self.where, storage)
         return t
 
     def bytes_by_place(self) -> Dict[str, int]:
@@ -218,7 +220,8 @@ def render(results: List[dict], shapes: List[str]) -> str:
         "saved-tensor hooks (each storage once, parameters excluded, storages freed for recompute count 0), "
         "next to `plan`'s estimate for the same run (`nemotron_train/models/activations.py`). "
         "Under full recompute only the stage total is compared (the chunk inputs are the only per-layer "
-        "tensors left). Reproduce: `python bench/memory.py`.", "",
+        "tensors left). `plan`'s te-spec (GPU) numbers are not measured here: `--cuda` adds "
+        "`torch.cuda.memory_allocated` on a GPU. Reproduce: `python bench/memory.py`.", "",
         *[f"- {shape_line(s)}" for s in shapes], "",
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()}, torch {torch.__version__}.", "",
         "| shape | recompute | place | measured MiB | plan MiB | plan vs measured | vs no recompute |",
@@ -227,7 +230,8 @@ def render(results: List[dict], shapes: List[str]) -> str:
     base = {r["shape"]: r["rows"][-1][1] for r in results if r["mode"] == "none"}
     for r in results:
         for place, meas, est in r["rows"]:
-            cut = f"{(1 - meas / base[r['shape']]) * 100:.1f}% less" if place == "total" and r["shape"] in base else ""
+            cut = (f"{(1 - meas / base[r['shape']]) * 100:.1f}% less"
+                   if place == "total" and r["shape"] in base and r["mode"] != "none" else "")
             err = f"{(est / meas - 1) * 100:+.1f}%" if meas else "n/a"
             lines.append(f"| {r['shape']} | {r['mode']} | {place} | {mib(meas)} | {mib(est)} | {err} | {cut} |")
     if any(r["cuda"] is not None for r in results):
@@ -243,6 +247,7 @@ def parse_args(argv=None):
     p.add_argument("--cuda", action="store_true", help="also run on the GPU and report max_memory_allocated")
     p.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     p.add_argument("--json", default=None, help="also write the rows (measured, plan bytes) to this JSON file")
+    p.add_argument("--from-json", default=None, help="render the doc section from a --json file, measuring nothing")
     return p.parse_args(argv)
 
 
@@ -250,9 +255,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     shapes, modes = args.shapes.split(","), args.modes.split(",")
-    results = []
-    for name in shapes:
-        results += run_shape(name, modes, args.cuda)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        shapes = list(dict.fromkeys(r["shape"] for r in results))
+    else:
+        results = []
+        for name in shapes:
+            results += run_shape(name, modes, args.cuda)
     text = render(results, shapes)
     print(text)
     if args.json:
