@@ -12,7 +12,7 @@ import yaml
 from nemotron_train.config.loader import load_config
 from nemotron_train.config.schema import ModelConfig
 from nemotron_train.config.validate import validate_config
-from nemotron_train.config.pattern import layer_types, split_stages
+from nemotron_train.config.pattern import layer_types
 from nemotron_train.models.cost import compute_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

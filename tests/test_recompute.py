@@ -168,3 +168,29 @@ def test_te_spec_recompute_fields_are_accepted_by_mcore(overrides, expected):
     kwargs = transformer_kwargs(run)
     assert {k: kwargs[k] for k in expected} == expected
     TransformerConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- MFU and HFU
+
+
+def test_plan_hardware_flops_add_the_recomputed_forward(tmp_path, capsys):
+    from nemotron_train.models.cost import compute_plan
+    from nemotron_train.training.metrics import MetricsLogger
+
+    base = ["data.source=mock", f"run.output_dir={tmp_path}", "logging.progress_bar=false"]
+    none = compute_plan(load_config(ROOT / "configs" / "smoke.yaml", base))
+    full = compute_plan(load_config(ROOT / "configs" / "smoke.yaml", base + ["recompute.granularity=full"]))
+    assert none["hardware_flops_per_token"] == none["flops_per_token"] == full["flops_per_token"]
+    # Uniform full recompute repeats every layer's forward once: + (fwd+bwd)/3 minus the logits.
+    layers = sum(v for k, v in full["flops_per_token_breakdown"].items() if k != "logits")
+    assert full["hardware_flops_per_token"] == pytest.approx(full["flops_per_token"] + layers / 3)
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", base + ["recompute.granularity=full"])
+    logger = MetricsLogger(cfg, True, full["flops_per_token"], 1, "cpu",
+                           hardware_flops_per_token=full["hardware_flops_per_token"])
+    logger.start(1)
+    logger.train_step(1, 2.0, 1e-3, 1.0, step_time=0.5, tokens=1000, log=True)
+    logger.close({})
+    record = logger.history[-1]
+    assert record["hfu"] == pytest.approx(record["mfu"] * full["hardware_flops_per_token"] / full["flops_per_token"])
+    assert "HFU" in capsys.readouterr().out

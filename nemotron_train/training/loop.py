@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,8 +56,10 @@ def _tp_rank0_flag(value: bool, pgs) -> bool:
     return bool(box[0])
 
 
-def _flops_per_token(cfg: Config, world_size: int) -> float:
-    return float(compute_plan(cfg, world_size=world_size)["flops_per_token"])
+def _flops_per_token(cfg: Config, world_size: int) -> Tuple[float, float]:
+    """Model FLOPs per token (for MFU) and hardware FLOPs with recompute (for HFU)."""
+    plan = compute_plan(cfg, world_size=world_size)
+    return float(plan["flops_per_token"]), float(plan["hardware_flops_per_token"])
 
 
 class Trainer:
@@ -103,8 +105,10 @@ class Trainer:
 
         self.checkpointer = Checkpointer(cfg, self.pgs, is_logging_rank=self.rank == 0)
         self.state = self.checkpointer.load_latest(self.model, self.optimizer, self.scheduler) or TrainState()
-        self.metrics = MetricsLogger(cfg, self.rank == 0, _flops_per_token(cfg, self.world_size), self.world_size,
-                                     self.platform.device_type, fp8_gemms=run.fp8_backend in ("te", "scaled_mm"))
+        model_flops, hardware_flops = _flops_per_token(cfg, self.world_size)
+        self.metrics = MetricsLogger(cfg, self.rank == 0, model_flops, self.world_size, self.platform.device_type,
+                                     fp8_gemms=run.fp8_backend in ("te", "scaled_mm"),
+                                     hardware_flops_per_token=hardware_flops)
         self.manual_gc = ManualGC(run.performance.manual_gc, run.performance.manual_gc_interval)
 
     # ------------------------------------------------------------------ loop

@@ -54,10 +54,12 @@ def peak_memory_bytes(device_type: str) -> int:
 
 class MetricsLogger:
     def __init__(self, cfg: Config, is_logging_rank: bool, flops_per_token: float, world_size: int, device_type: str,
-                 fp8_gemms: bool = False):
+                 fp8_gemms: bool = False, hardware_flops_per_token: Optional[float] = None):
         self.cfg = cfg
         self.enabled = is_logging_rank
         self.flops_per_token = flops_per_token
+        # With activation recompute the GPUs also redo forward work: HFU counts it, MFU does not.
+        self.hardware_flops_per_token = hardware_flops_per_token or flops_per_token
         self.world_size = world_size
         self.device_type = device_type
         self.peak_tflops = device_peak_tflops(device_type, fp8_gemms) if is_logging_rank else 1.0
@@ -113,6 +115,7 @@ class MetricsLogger:
             "step_time_s": step_time,
             "tflops_per_gpu": tflops,
             "mfu": tflops / self.peak_tflops,
+            "hfu": tflops * self.hardware_flops_per_token / self.flops_per_token / self.peak_tflops,
             "peak_memory_bytes": peak_memory_bytes(self.device_type),
         }
         self._write(record)
@@ -120,7 +123,9 @@ class MetricsLogger:
         self.echo(
             f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
             f"{tokens_per_sec:,.0f} tok/s | {step_time * 1000:.0f} ms/step | {tflops:.3f} TFLOP/s/GPU | "
-            f"MFU {record['mfu'] * 100:.1f}% | peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
+            f"MFU {record['mfu'] * 100:.1f}%"
+            + (f" (HFU {record['hfu'] * 100:.1f}%)" if record["hfu"] != record["mfu"] else "")
+            + f" | peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
         )
 
     def validation(self, step: int, val_loss: float) -> None:
