@@ -340,3 +340,27 @@ def test_tp_comm_overlap_creates_userbuffers_before_the_model():
     assert calls == [{"shape": [8192, 4096], "tp_size": 2, "use_fp8": True, "bootstrap_backend": "nccl"}]
     assert not init_tp_comm_overlap(_gpu_run(CONFIGS / "nemotron_h_8b_pretrain.yaml",
                                              "performance.tp_comm_overlap=false"), te_module=te)
+
+
+def test_cuda_graphs_are_captured_once_after_the_warmup():
+    from nemotron_train.training.cuda_graphs import CudaGraphCapture
+
+    calls = []
+
+    class Helper:  # stands in for megatron-core's TECudaGraphHelper (TE + CUDA)
+        def __init__(self, **kwargs):
+            calls.append(("init", sorted(kwargs)))
+
+        def create_cudagraphs(self):
+            calls.append(("capture",))
+
+        def cuda_graph_set_manual_hooks(self):
+            calls.append(("hooks",))
+
+    run = _gpu_run(CONFIGS / "nemotron_h_56b_pretrain.yaml", "performance.overlap_param_gather=true")
+    cap = CudaGraphCapture(run, model="m", tcfg="c", optimizer="o", helper_factory=Helper)
+    assert [cap.after_step(s, first_step=10) for s in range(11, 16)] == [False, False, True, False, False]
+    assert calls == [("init", ["config", "micro_batch_size", "model", "optimizers", "seq_length"]), ("capture",),
+                     ("hooks",)]
+    off = CudaGraphCapture(_gpu_run(CONFIGS / "nemotron_h_8b_pretrain.yaml"), "m", "c", "o", helper_factory=Helper)
+    assert not off.enabled and not any(off.after_step(s) for s in range(10))

@@ -33,6 +33,7 @@ from nemotron_train.models.cost import compute_plan
 from nemotron_train.platform import setup_platform
 from nemotron_train.resolve import ResolvedRun
 from nemotron_train.training.metrics import MetricsLogger
+from nemotron_train.training.cuda_graphs import CudaGraphCapture
 from nemotron_train.training.manual_gc import ManualGC
 from nemotron_train.training.optim import build_optimizer, build_scheduler, params_synced, wrap_ddp
 from nemotron_train.training.step import eval_step, train_step
@@ -110,6 +111,7 @@ class Trainer:
                                      fp8_gemms=run.fp8_backend in ("te", "scaled_mm"),
                                      hardware_flops_per_token=hardware_flops)
         self.manual_gc = ManualGC(run.performance.manual_gc, run.performance.manual_gc_interval)
+        self.cuda_graphs = CudaGraphCapture(run, self.model, self.tcfg, self.optimizer)
 
     # ------------------------------------------------------------------ loop
 
@@ -148,6 +150,7 @@ class Trainer:
         signals = ExitSignalHandler(exit_signal_names(t.exit_signal))
         start_time = time.time()
         self.metrics.start(self.state.step)
+        first_step = self.state.step
         data_iter = self._train_iterator()
         last_val, stop_reason = None, None
         first_loss = last_loss = None
@@ -176,6 +179,7 @@ class Trainer:
                 self._save()
             self.checkpointer.maybe_finalize()
             self.manual_gc.step(step)
+            self.cuda_graphs.after_step(step, first_step)
             stop_reason = should_exit(signals, start_time, t.exit_duration_minutes, group=None)
             if stop_reason:
                 break
