@@ -145,8 +145,10 @@ def measure(config_path: Optional[str], overrides: List[str], device: str = "cpu
     places = saved.bytes_by_place()
     if device == "cuda":
         torch.cuda.synchronize()
-        # Held after the forward (the per-token loss is an output, not a saved activation).
-        cuda_bytes = torch.cuda.memory_allocated() - before - loss.numel() * loss.element_size()
+        # Held after the forward (the per-token loss is an output, not a saved activation), and
+        # the allocator's peak during it (transient buffers included).
+        held = torch.cuda.memory_allocated() - before - loss.numel() * loss.element_size()
+        cuda_bytes = {"held": held, "peak": torch.cuda.max_memory_allocated() - before}
     del loss
     return {"cfg": cfg, "places": places, "cuda_bytes": cuda_bytes, "layer_types": model.decoder.layer_types}
 
@@ -212,7 +214,7 @@ def shape_line(name: str) -> str:
             f"vocab {m.vocab_size}, seq {cfg.train.seq_length}, micro-batch 1, {cfg.precision.params_dtype}, TP1")
 
 
-def render(results: List[dict], shapes: List[str]) -> str:
+def render(results: List[dict], shapes: List[str], measured_on: datetime.date) -> str:
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     lines = [
         SECTION, "",
@@ -221,9 +223,9 @@ def render(results: List[dict], shapes: List[str]) -> str:
         "next to `plan`'s estimate for the same run (`nemotron_train/models/activations.py`). "
         "Under full recompute only the stage total is compared (the chunk inputs are the only per-layer "
         "tensors left). `plan`'s te-spec (GPU) numbers are not measured here: `--cuda` adds "
-        "`torch.cuda.memory_allocated` on a GPU. Reproduce: `python bench/memory.py`.", "",
+        "`torch.cuda.memory_allocated` / `max_memory_allocated` on a GPU. Reproduce: `python bench/memory.py`.", "",
         *[f"- {shape_line(s)}" for s in shapes], "",
-        f"Measured {datetime.date.today().isoformat()} on {platform.machine()}, torch {torch.__version__}.", "",
+        f"Measured {measured_on.isoformat()} on {platform.machine()}, torch {torch.__version__}.", "",
         "| shape | recompute | place | measured MiB | plan MiB | plan vs measured | vs no recompute |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
@@ -235,8 +237,10 @@ def render(results: List[dict], shapes: List[str]) -> str:
             err = f"{(est / meas - 1) * 100:+.1f}%" if meas else "n/a"
             lines.append(f"| {r['shape']} | {r['mode']} | {place} | {mib(meas)} | {mib(est)} | {err} | {cut} |")
     if any(r["cuda"] is not None for r in results):
-        lines += ["", "On the GPU (`--cuda`, `torch.cuda.memory_allocated` held after the forward):", ""]
-        lines += [f"- {r['shape']} / {r['mode']}: {mib(r['cuda'])} MiB" for r in results if r["cuda"] is not None]
+        lines += ["", "On the GPU (`--cuda`): `torch.cuda.memory_allocated` held after the forward, and "
+                  "`max_memory_allocated` during it, above the weights:", ""]
+        lines += [f"- {r['shape']} / {r['mode']}: held {mib(r['cuda']['held'])} MiB, peak {mib(r['cuda']['peak'])} MiB"
+                  for r in results if r["cuda"] is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -255,14 +259,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     shapes, modes = args.shapes.split(","), args.modes.split(",")
+    measured_on = datetime.datetime.now(datetime.timezone.utc).date()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
         shapes = list(dict.fromkeys(r["shape"] for r in results))
+        measured_on = datetime.datetime.fromtimestamp(Path(args.from_json).stat().st_mtime, datetime.timezone.utc).date()
     else:
         results = []
         for name in shapes:
             results += run_shape(name, modes, args.cuda)
-    text = render(results, shapes)
+    text = render(results, shapes, measured_on)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(
