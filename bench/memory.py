@@ -48,8 +48,11 @@ SLICE_8B = [
 ]
 SHAPES = {
     "smoke": (None, SMOKE + ["precision.params_dtype=fp32"]),
+    # Two ranks (run under torchrun by this script): per-rank bytes with TP2 + sequence parallel.
+    "smoke-tp2-sp": (None, SMOKE + ["precision.params_dtype=fp32", "parallel.tp=2", "parallel.sp=true"]),
     "8b-slice": ("configs/models/nemotron_h_8b.yaml", SLICE_8B + ["precision.params_dtype=bf16"]),
 }
+# First in the override list, so a shape can change the layout.
 COMMON = ["model.spec=local", "data.source=mock", "train.micro_batch_size=1", "train.global_batch_size=1",
           "parallel.tp=1", "parallel.pp=1", "optimizer.use_distributed_optimizer=false"]
 MODES = {
@@ -118,7 +121,7 @@ def build(config_path: Optional[str], overrides: List[str], device: str):
 
     cfg = load_config(str(REPO / config_path) if config_path else None, overrides)
     platform_ = setup_platform(force_cpu=device == "cpu")
-    run = resolve_run(cfg, 1, platform_)
+    run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), platform_)
     pgs = init_process_groups(cfg, platform_)
     torch.manual_seed(cfg.train.seed)
     return cfg, run, build_model(run, pgs)
@@ -183,19 +186,53 @@ def compare(measured: Dict[str, int], est: Dict[str, float], full: bool) -> List
     return rows
 
 
+# Captured at import: a world of one sets WORLD_SIZE itself once its process group starts.
+UNDER_TORCHRUN = "WORLD_SIZE" in os.environ
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _ranks(name: str) -> int:
+    from nemotron_train.config import load_config
+
+    config_path, overrides = SHAPES[name]
+    cfg = load_config(str(REPO / config_path) if config_path else None, COMMON + overrides)
+    return cfg.parallel.tp * cfg.parallel.pp
+
+
+def run_under_torchrun(name: str, modes: List[str], cuda: bool) -> List[dict]:
+    """A multi-rank shape: this script again under torchrun; rank 0 hands back its rows."""
+    import subprocess
+    import tempfile
+
+    from nemotron_train.platform import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={_ranks(name)}",
+               f"--master-port={free_port()}", __file__, "--shapes", name, "--modes", ",".join(modes),
+               "--no-write", "--json", str(out)] + (["--cuda"] if cuda else [])
+        subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        return json.loads(out.read_text())
+
+
 def run_shape(name: str, modes: List[str], cuda: bool) -> List[dict]:
     config_path, overrides = SHAPES[name]
     results = []
     for mode in modes:
-        res = measure(config_path, overrides + COMMON + MODES[mode], "cpu")
+        res = measure(config_path, COMMON + overrides + MODES[mode], "cpu")
         cfg = res["cfg"]
         kinds = per_kind(res["places"])
         est = estimate(cfg, res["layer_types"])
         full = cfg.recompute.granularity == "full"
         row = {"shape": name, "mode": mode, "rows": compare(kinds, est, full), "cuda": None}
         if cuda:
-            row["cuda"] = measure(config_path, overrides + COMMON + MODES[mode], "cuda")["cuda_bytes"]
+            row["cuda"] = measure(config_path, COMMON + overrides + MODES[mode], "cuda")["cuda_bytes"]
         results.append(row)
+        if not _is_rank0():
+            continue
         total = row["rows"][-1]
         print(f"{name:9s} {mode:22s} measured {total[1] / 2**20:9.2f} MiB  plan {total[2] / 2**20:9.2f} MiB"
               f"  ({(total[2] / total[1] - 1) * 100:+.1f}%)", flush=True)
@@ -206,12 +243,13 @@ def shape_line(name: str) -> str:
     from nemotron_train.config import load_config
 
     config_path, overrides = SHAPES[name]
-    cfg = load_config(str(REPO / config_path) if config_path else None, overrides + COMMON)
-    m = cfg.model
+    cfg = load_config(str(REPO / config_path) if config_path else None, COMMON + overrides)
+    m, p = cfg.model, cfg.parallel
     return (f"`{name}`: pattern `{m.pattern}`, h {m.hidden_size}, ffn {m.ffn_hidden_size}, attention "
             f"{m.num_attention_heads}x{m.kv_channels} ({m.num_query_groups} KV), Mamba {m.mamba_num_heads}x"
             f"{m.mamba_head_dim} heads, state {m.mamba_state_dim}, {m.mamba_num_groups} groups, chunk {m.chunk_size}, "
-            f"vocab {m.vocab_size}, seq {cfg.train.seq_length}, micro-batch 1, {cfg.precision.params_dtype}, TP1")
+            f"vocab {m.vocab_size}, seq {cfg.train.seq_length}, micro-batch 1, {cfg.precision.params_dtype}, TP{p.tp}"
+            + (" + sequence parallel (bytes of one rank)" if p.sp else ""))
 
 
 def render(results: List[dict], shapes: List[str], measured_on: datetime.date) -> str:
@@ -257,7 +295,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1" if UNDER_TORCHRUN else "2")))
     shapes, modes = args.shapes.split(","), args.modes.split(",")
     measured_on = datetime.datetime.now(datetime.timezone.utc).date()
     if args.from_json:
@@ -267,9 +305,15 @@ def main(argv=None) -> int:
     else:
         results = []
         for name in shapes:
-            results += run_shape(name, modes, args.cuda)
+            if _ranks(name) > 1 and not UNDER_TORCHRUN:
+                results += run_under_torchrun(name, modes, args.cuda)
+            else:
+                results += run_shape(name, modes, args.cuda)
+    if not _is_rank0():
+        return 0
     text = render(results, shapes, measured_on)
-    print(text)
+    if not UNDER_TORCHRUN:
+        print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(
             [{"shape": r["shape"], "mode": r["mode"], "rows": r["rows"], "cuda": r["cuda"]} for r in results], indent=1))

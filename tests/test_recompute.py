@@ -121,25 +121,31 @@ def test_recompute_is_bitwise_equal_to_none(trained, layout, variant):
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory") / "smoke.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--shapes", "smoke", "--no-write",
-                           "--json", str(out)], capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--shapes", "smoke,smoke-tp2-sp",
+                           "--no-write", "--json", str(out)], capture_output=True, text=True, env=_env(), timeout=300,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {r["mode"]: {place: (meas, est) for place, meas, est in r["rows"]} for r in json.loads(out.read_text())}
+    rows = json.loads(out.read_text())
+    return {shape: {r["mode"]: {place: (meas, est) for place, meas, est in r["rows"]} for r in rows if r["shape"] == shape}
+            for shape in ("smoke", "smoke-tp2-sp")}
 
 
 @pytest.mark.slow
-def test_measured_activation_bytes_drop_and_match_plan(measured):
-    none = measured["none"]["total"][0]
-    for mode, rows in measured.items():
+@pytest.mark.parametrize("shape", ["smoke", "smoke-tp2-sp"])
+def test_measured_activation_bytes_drop_and_match_plan(measured, shape):
+    by_mode = measured[shape]
+    assert len(by_mode) == 8
+    none = by_mode["none"]["total"][0]
+    for mode, rows in by_mode.items():
         for place, (meas, est) in rows.items():
             if meas:
                 assert abs(est / meas - 1) <= 0.10, (mode, place, meas, est)
         if mode != "none":
             assert rows["total"][0] < none, mode  # every mode actually frees something
-    assert measured["full uniform/1"]["total"][0] < 0.4 * none
-    assert measured["selective mamba"]["Mamba-2"][0] < 0.5 * measured["none"]["Mamba-2"][0]
-    assert measured["selective mlp"]["MLP"][0] < measured["none"]["MLP"][0]
-    assert measured["selective norm"]["attention"][0] < measured["none"]["attention"][0]
+    assert by_mode["full uniform/1"]["total"][0] < 0.4 * none
+    assert by_mode["selective mamba"]["Mamba-2"][0] < 0.5 * by_mode["none"]["Mamba-2"][0]
+    assert by_mode["selective mlp"]["MLP"][0] < by_mode["none"]["MLP"][0]
+    assert by_mode["selective norm"]["attention"][0] < by_mode["none"]["attention"][0]
 
 
 # --------------------------------------------------------------------------- te spec fields

@@ -18,9 +18,10 @@ local spec (pure torch):
              + c (4 d_inner + G) + a d_inner + z                      gated norm
                (z = c d_inner, or the whole in_proj output c W when a = c)
              recompute mamba: a W + a d_inner (in_proj output, out_proj input)
-  attention  a (nq d + 2 nq d + nq d) + c nq  (q; K and V repeated to nq heads; output; lse)
-             recompute core_attn: a (3 nq d + 2 nkv d)  (a q copy, the qkv GEMM output that
-             K and V view, the output)
+  attention  per rank n = nq/t heads, g = nkv/t groups: a (q + held + kv + n d) + c n with
+             q = n d if g > 1 (a reshaped copy) else 0 (a view), held = (n + 2g) d (the qkv GEMM
+             output) if g = 1 or n = g else 0, kv = 2 n d (K and V repeated) if n != g else 0
+             recompute core_attn: a (q + (n + 2g) d + n d)
   MLP        2 a f  (relu output, squared output)       recompute mlp: 0 beyond the norm
 te spec (TE linears with fused norms, flash attention, mamba-ssm kernels; GPU estimate):
   pre-norm   2ah + c  (input and norm output)          / sp; recompute norm: unchanged (fused)
@@ -28,8 +29,8 @@ te spec (TE linears with fused norms, flash attention, mamba-ssm kernels; GPU es
   attention  a (2 nq d + 2 nkv d) + c nq               recompute core_attn: a (2 nq d + 2 nkv d)
   MLP        2 a f                                     recompute mlp: 0 beyond the norm
 Full recompute keeps only each checkpointed chunk's input, a h / sp per token.
-Stage extras: the first stage saves the token ids (8 bytes); the last stage the final norm
-and the vocab-parallel cross entropy's fp32 logits (c V / t).
+Stage extras: the first stage saves the token ids (8 bytes; 9 with TP); the last stage the
+final norm and the vocab-parallel cross entropy's fp32 logits (c V / t) and targets (9 bytes).
 """
 
 from __future__ import annotations
@@ -104,16 +105,23 @@ def mamba_bytes(sh: Shape) -> float:
 
 def attention_bytes(sh: Shape) -> float:
     m, a, t = sh.cfg.model, sh.a, sh.tp
-    q, kv, nq = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels, m.num_attention_heads
-    lse = FP32 * nq
+    d = m.kv_channels
+    n, g = m.num_attention_heads // t, m.num_query_groups // t  # heads and KV groups per rank
+    lse = FP32 * n
+    if sh.spec == "te":
+        inner = a * (2 * n + 2 * g) * d + (0 if "core_attn" in _selective(sh.cfg) else lse)
+        return norm_bytes(sh) + inner
+    # mcore splits the qkv GEMM output per group: with one group per rank, q is a view of it
+    # (else a reshaped copy); k and v stay views of it unless SDPA needs them repeated.
+    q_copy = n * d if g > 1 else 0
+    mixed = (n + 2 * g) * d
     if "core_attn" in _selective(sh.cfg):
-        # te: q, k, v and the output; local: also the qkv GEMM output that k and v view.
-        inner = a * (2 * q + 2 * kv) if sh.spec == "te" else a * (3 * q + 2 * kv)
-    elif sh.spec == "te":
-        inner = a * (2 * q + 2 * kv) + lse
+        inner = a * (q_copy + mixed + n * d)  # checkpoint inputs q, k, v; linear_proj's input
     else:
-        inner = a * 4 * q + lse  # K and V repeated to every query head before SDPA
-    return norm_bytes(sh) + inner / t
+        kv_rep = 2 * n * d if n != g else 0
+        held = mixed if (g == 1 or n == g) else 0
+        inner = a * (q_copy + held + kv_rep + n * d) + lse
+    return norm_bytes(sh) + inner
 
 
 def mlp_bytes(sh: Shape) -> float:
@@ -153,10 +161,12 @@ def stage_bytes_per_token(cfg: Config, spec: str, layers: str, first: bool, last
     kept = layers[dropped:]
     out = {char: kept.count(char) * per_type[char] for char in LAYER_BYTES}
     out["chunk inputs"] = chunks * sh.a * cfg.model.hidden_size / sh.sp
-    out["embedding"] = 8.0 if first else 0.0
+    # Token ids (int64), and with TP the vocab-parallel embedding's out-of-range mask.
+    out["embedding"] = (8.0 + (1 if sh.tp > 1 else 0)) if first else 0.0
     if vocab_rows is None:
         vocab_rows = math.ceil(cfg.model.vocab_size / sh.tp)
-    out["head"] = norm_bytes(Shape(_no_norm_recompute(cfg), spec)) + FP32 * vocab_rows if last else 0.0
+    # Final norm; cross entropy's fp32 exp-logits, target mask (bool) and masked target (int64).
+    out["head"] = norm_bytes(Shape(_no_norm_recompute(cfg), spec)) + FP32 * vocab_rows + 9 if last else 0.0
     return out
 
 
