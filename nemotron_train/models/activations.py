@@ -19,7 +19,7 @@ local spec (pure torch):
                (z = c d_inner, or the whole in_proj output c W when a = c)
              recompute mamba: a W + a d_inner (in_proj output, out_proj input)
   attention  per rank n = nq/t heads, g = nkv/t groups: a (q + held + kv + n d) + c n with
-             q = n d if g > 1 (a reshaped copy) else 0 (a view), held = (n + 2g) d (the qkv GEMM
+             q = n d if 1 < g < n (a reshaped copy) else 0 (a view), held = (n + 2g) d (the qkv GEMM
              output) if g = 1 or n = g else 0, kv = 2 n d (K and V repeated) if n != g else 0
              recompute core_attn: a (q + (n + 2g) d + n d)
   MLP        2 a f  (relu output, squared output)       recompute mlp: 0 beyond the norm
@@ -111,9 +111,10 @@ def attention_bytes(sh: Shape) -> float:
     if sh.spec == "te":
         inner = a * (2 * n + 2 * g) * d + (0 if "core_attn" in _selective(sh.cfg) else lse)
         return norm_bytes(sh) + inner
-    # mcore splits the qkv GEMM output per group: with one group per rank, q is a view of it
-    # (else a reshaped copy); k and v stay views of it unless SDPA needs them repeated.
-    q_copy = n * d if g > 1 else 0
+    # mcore splits the qkv GEMM output per group: q is a view of it with one group per rank or
+    # one head per group (else a reshaped copy); k and v stay views of it unless SDPA needs
+    # them repeated to every head.
+    q_copy = n * d if g > 1 and n != g else 0
     mixed = (n + 2 * g) * d
     if "core_attn" in _selective(sh.cfg):
         inner = a * (q_copy + mixed + n * d)  # checkpoint inputs q, k, v; linear_proj's input
