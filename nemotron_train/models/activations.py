@@ -26,7 +26,7 @@ local spec (pure torch):
 te spec (TE linears with fused norms, flash attention, mamba-ssm kernels; GPU estimate):
   pre-norm   2ah + c  (input and norm output)          / sp; recompute norm: unchanged (fused)
   Mamba-2    a (W + X + 2 d_inner) + 2cH               recompute mamba: a (W + d_inner)
-  attention  a (2 nq d + 2 nkv d) + c nq               recompute core_attn: a (2 nq d + 2 nkv d)
+  attention  a (q + (n + 2g) d + n d) + c n (as local, no repeats)  recompute core_attn: no c n
   MLP        2 a f                                     recompute mlp: 0 beyond the norm
 Full recompute keeps only each checkpointed chunk's input, a h / sp per token.
 Stage extras: the first stage saves the token ids (8 bytes; 9 with TP); the last stage the
@@ -108,14 +108,14 @@ def attention_bytes(sh: Shape) -> float:
     d = m.kv_channels
     n, g = m.num_attention_heads // t, m.num_query_groups // t  # heads and KV groups per rank
     lse = FP32 * n
-    if sh.spec == "te":
-        inner = a * (2 * n + 2 * g) * d + (0 if "core_attn" in _selective(sh.cfg) else lse)
-        return norm_bytes(sh) + inner
     # mcore splits the qkv GEMM output per group: q is a view of it with one group per rank or
     # one head per group (else a reshaped copy); k and v stay views of it unless SDPA needs
-    # them repeated to every head.
+    # them repeated to every head (TE's attention takes the groups as they are).
     q_copy = n * d if g > 1 and n != g else 0
     mixed = (n + 2 * g) * d
+    if sh.spec == "te":
+        inner = a * (q_copy + mixed + n * d) + (0 if "core_attn" in _selective(sh.cfg) else lse)
+        return norm_bytes(sh) + inner
     if "core_attn" in _selective(sh.cfg):
         inner = a * (q_copy + mixed + n * d)  # checkpoint inputs q, k, v; linear_proj's input
     else:
