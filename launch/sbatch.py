@@ -112,11 +112,14 @@ def render_job(
     safe = _safe_name(job_name)
     for what, path in (("run.output_dir", run_dir), ("working directory", workdir)):
         _no_whitespace(what, path)
+    if cfg.launch.max_restarts and opts.mode == "per-gpu":
+        raise LaunchError("launch.max_restarts needs torchrun on each node (--mode per-node); --mode per-gpu has no restarter")
     snapshot_dir = sbatch_dir(run_dir)
     snapshot = _snapshot_path(snapshot_dir, safe)
     save_config(cfg, snapshot)
     logs_dir(run_dir).mkdir(parents=True, exist_ok=True)  # sbatch does not create --output dirs
-    paths = RunPaths(config=str(snapshot), run_dir=str(run_dir), workdir=str(workdir), train_steps=cfg.train.steps, source=str(config))
+    paths = RunPaths(config=str(snapshot), run_dir=str(run_dir), workdir=str(workdir), train_steps=cfg.train.steps, source=str(config),
+                     max_restarts=cfg.launch.max_restarts)
     text = render_script(opts, paths, job_name)
     script = Path(output) if output is not None else snapshot_dir / f"{safe}.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@
         tensorboard/           TensorBoard events (logging.tensorboard)
         sbatch/                rendered sbatch scripts and their config snapshots
         logs/                  SLURM job output (`#SBATCH --output`)
+        heartbeats/            one progress file per rank (the hang watchdog)
+        stacks/                per-rank Python stack dumps of a detected hang
+        bad_steps.log          failed step checks, one line each (megatron-core's rerun tracker format)
 
 Writers and readers both call these functions, so a file name is spelled once.
 """
@@ -31,6 +34,9 @@ DATA_CACHE_DIR = "data_cache"
 TENSORBOARD_DIR = "tensorboard"
 SBATCH_DIR = "sbatch"
 LOGS_DIR = "logs"
+HEARTBEATS_DIR = "heartbeats"
+STACKS_DIR = "stacks"
+BAD_STEPS_FILE = "bad_steps.log"
 
 
 def config_file(run_dir: PathLike) -> Path:
@@ -69,3 +75,15 @@ def sbatch_dir(run_dir: PathLike) -> Path:
 
 def logs_dir(run_dir: PathLike) -> Path:
     return Path(run_dir) / LOGS_DIR
+
+
+def heartbeat_dir(run_dir: PathLike) -> Path:
+    return Path(run_dir) / HEARTBEATS_DIR
+
+
+def stacks_dir(run_dir: PathLike) -> Path:
+    return Path(run_dir) / STACKS_DIR
+
+
+def bad_steps_file(run_dir: PathLike) -> Path:
+    return Path(run_dir) / BAD_STEPS_FILE

@@ -181,3 +181,20 @@ def test_hf_import_with_conv_kernel_3_and_a_padded_vocabulary(tmp_path, build):
     exported, original = load_safetensors_dir(tmp_path / "out"), load_safetensors_dir(tmp_path / "hf")
     assert all(torch.equal(exported[k], v) for k, v in original.items()) and set(exported) == set(original)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 96
+
+
+def test_a_checkpoint_with_other_vocabulary_rows_is_refused_with_the_fix():
+    """dist_checkpointing loads 128 saved rows into 256 without a word (the rest stay as
+    initialised), so the row counts are compared first."""
+    from nemotron_train.models.vocab import saved_vocab_rows, vocab_rows_mismatch
+
+    saved = {"model": {"vocab_size": 96, "make_vocab_size_divisible_by": 128}, "parallel": {"tp": 1}}
+    model = load_config(SMOKE, ["model.vocab_size=96"]).model
+    assert saved_vocab_rows(saved) == 128 and vocab_rows_mismatch(saved, model, 1) is None
+    problem = vocab_rows_mismatch(saved, model, 2)
+    assert "holds 128 vocabulary rows" in problem and "this run 256" in problem
+    assert "model.make_vocab_size_divisible_by=64" in problem
+    assert vocab_rows_mismatch(saved, dataclasses.replace(model, make_vocab_size_divisible_by=64), 2) is None
+    legacy = {"model": {"vocab_size": 512}, "parallel": {"tp": 2}}  # written before padding: rows = vocab
+    assert saved_vocab_rows(legacy) == 512 and vocab_rows_mismatch(legacy, load_config(SMOKE).model, 2) is None
+

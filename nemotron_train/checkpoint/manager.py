@@ -35,10 +35,13 @@ from nemotron_train.checkpoint import layout
 from nemotron_train.checkpoint.mcore_fixes import materialize_optimizer_state, unshare_step_tensors
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.errors import CheckpointError
+from nemotron_train.models.vocab import vocab_rows_mismatch
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that must match for a checkpoint to load (the rest may change on resume).
-ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "spec", "init_method_std")]
+# The padding divisor may change as long as the padded row count does (vocab_rows_mismatch).
+ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
+               if f.name not in ("name", "spec", "init_method_std", "make_vocab_size_divisible_by")]
 
 
 @dataclass
@@ -233,6 +236,9 @@ class Checkpointer:
             return None
         meta = layout.read_meta(path)
         check_architecture(meta["config"]["model"], self.cfg.model, path)
+        rows_problem = vocab_rows_mismatch(meta["config"], self.cfg.model, self.cfg.parallel.tp)
+        if rows_problem:
+            raise CheckpointError(f"checkpoint {path}: {rows_problem}")
         if layout.is_model_only(meta):
             return self._load_model_only(path, model, optimizer)
         saved_par = meta["config"]["parallel"]

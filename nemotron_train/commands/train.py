@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
             "(see `nemotron-train sbatch`); run this command under torchrun on each node"
         )
     run = preflight(cfg, nproc)
-    if nproc == 1:
+    if nproc == 1 and cfg.launch.max_restarts == 0:  # restarts need torchrun, even for one rank
         return _run_rank(run)
     _check_port(cfg)
     cmd = [
@@ -94,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         f"--nproc-per-node={nproc}",
         f"--master-addr={cfg.launch.master_addr}",
         f"--master-port={cfg.launch.master_port}",
+        f"--max-restarts={cfg.launch.max_restarts}",
         "-m", "nemotron_train", "train", args.config, *overrides,
     ]
     print(f"starting {nproc} local ranks: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -110,9 +111,15 @@ def main(args: argparse.Namespace) -> int:
 
 def _run_rank(run: "ResolvedRun") -> int:
     from nemotron_train.training.loop import run as train
+    from nemotron_train.training.resilience import BadStepError
     from nemotron_train.training.stop import mark_completed, resumable_exit_code
 
-    summary = train(run)
+    try:
+        summary = train(run)
+    except BadStepError as exc:  # every rank stops at the same step; one of them says why
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     if summary["stopped_early"]:
         return resumable_exit_code()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -28,6 +28,13 @@ OptimizerName = Literal["adam", "sgd"]
 SchedulerType = Literal["cosine", "wsd", "constant"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 WandbMode = Literal["offline", "online", "disabled"]
+# megatron-core's RerunStateMachine modes (report_stats = its report_determinism_stats).
+RerunModeName = Literal["disabled", "validate_results", "report_stats"]
+RerunInjectionType = Literal["correct_result", "transient_error", "persistent_error"]
+BadStepAction = Literal["stop", "skip"]
+SpikeAction = Literal["report", "bad_step"]
+# Drill faults of `resilience.inject` (KIND@STEP:RANK).
+InjectKind = Literal["nan_loss", "inf_loss", "spike_loss", "nan_grad", "inf_grad"]
 CrossEntropyFusionImpl = Literal["native", "te"]
 TPCommBootstrapBackend = Literal["nccl", "mpi", "gloo"]
 CudaGraphImpl = Literal["none", "local", "transformer_engine"]
@@ -257,6 +264,45 @@ class LaunchConfig:
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    # torchrun restarts the local ranks up to this many times after a rank fails; the new
+    # ranks resume from the latest checkpoint (in-job restart). 0 = a failure ends the job.
+    max_restarts: int = 0
+
+
+@dataclass
+class ResilienceConfig:
+    """Numerical checks of every step, hang and straggler detection (docs/reliability.md)."""
+
+    # NaN/Inf of each rank's local loss, before the data-parallel reduction.
+    check_nan_in_loss: bool = True
+    # A local loss >= spike_factor x the largest of the first `spike_window` losses is a
+    # spike (megatron-core's is_unexpectedly_large; Megatron-LM uses 10 and 100). 0 = off.
+    spike_factor: float = 10.0
+    spike_window: int = 100
+    spike_action: SpikeAction = "report"
+    # megatron-core's DDP check for unexpectedly large local gradient norms (reported).
+    check_large_grads: bool = False
+    # megatron-core's RerunStateMachine: validate_results re-runs a failed step in place to
+    # tell a transient fault from a reproducible one; report_stats re-runs every step once
+    # and reports the spread (determinism statistics).
+    rerun_mode: RerunModeName = "disabled"
+    error_injection_rate: int = 0  # megatron-core's drill: ~1 rejected result per N checks
+    error_injection_type: RerunInjectionType = "transient_error"
+    # A failed NaN/Inf check: stop (exit, nothing saved from the bad step) or skip (the update
+    # is dropped, the batch is consumed) and stop after max_skipped_steps in a row.
+    on_bad_step: BadStepAction = "stop"
+    max_skipped_steps: int = 3
+    # Steps whose batch is consumed without an update (Megatron's --iterations-to-skip).
+    skip_steps: List[int] = field(default_factory=list)
+    # Drill faults, comma-separated KIND@STEP:RANK, e.g. "nan_loss@5:1,nan_grad@9:0".
+    inject: str = ""
+    # A rank without progress for this long is reported stuck: every rank's stack is dumped
+    # into <run.output_dir>/stacks/ and the job fails. 0 = off.
+    hang_timeout_s: float = 600.0
+    # torch.distributed collective timeout; the hang watchdog should fire before it.
+    collective_timeout_minutes: float = 30.0
+    # Warn when the slowest rank's step time is above this multiple of the fastest's.
+    straggler_warn_ratio: float = 1.5
 
 
 @dataclass
@@ -274,3 +320,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)

@@ -19,6 +19,7 @@ from nemotron_train.config.schema import (
 )
 from nemotron_train.errors import ConfigError
 from nemotron_train.config.pattern import layer_types, split_stages
+from nemotron_train.config.resilience import check_resilience
 
 # Allowed values come from the schema's Literal types (the single list of them).
 TOKENIZER_PREFIXES = tuple(f"{kind}:" for kind in choices(FileTokenizer))
@@ -360,4 +361,5 @@ def validate_config(cfg: Config, world_size: int) -> int:
     _check_train(cfg)
     _check_data(cfg)
     _check_launch(cfg)
+    check_resilience(cfg, world_size)
     return dp

@@ -19,12 +19,13 @@ from nemotron_train.platform import Platform, init_distributed
 
 def init_process_groups(cfg: Config, platform: Platform) -> ProcessGroupCollection:
     """Create TP/PP/DP groups for the configured layout and seed the model-parallel RNGs."""
-    init_distributed(platform)
+    init_distributed(platform, timeout_minutes=cfg.resilience.collective_timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tp,
             pipeline_model_parallel_size=cfg.parallel.pp,
             context_parallel_size=cfg.parallel.cp,
+            distributed_timeout_minutes=cfg.resilience.collective_timeout_minutes,
         )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     return ProcessGroupCollection.use_mpu_process_groups()

@@ -16,7 +16,7 @@ divisor chosen for the largest TP: the row count of a checkpoint is in `plan`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Mapping
+from typing import TYPE_CHECKING, Dict, Mapping, Optional
 
 from nemotron_train.config.schema import ModelConfig
 
@@ -48,3 +48,28 @@ def pad_vocab(weights: Mapping[str, torch.Tensor], padded_size: int) -> Dict[str
             value = torch.cat([value, value.new_zeros(padded_size - value.shape[0], *value.shape[1:])])
         out[key] = value
     return out
+
+
+def saved_vocab_rows(saved_config: Mapping) -> int:
+    """The vocabulary rows of a checkpoint, from the run config in its metadata. Checkpoints
+    written before padding existed held exactly model.vocab_size rows."""
+    model, tp = saved_config.get("model", {}), saved_config.get("parallel", {}).get("tp", 1)
+    divisor = model.get("make_vocab_size_divisible_by")
+    if divisor is None:
+        return model["vocab_size"]
+    multiple = divisor * tp
+    return -(-model["vocab_size"] // multiple) * multiple
+
+
+def vocab_rows_mismatch(saved_config: Mapping, model: ModelConfig, tp: int) -> Optional[str]:
+    """Why a checkpoint's vocabulary rows do not fit this run (None if they do). Loading rows
+    of another count would not fail by itself: the extra rows would stay uninitialised."""
+    saved, rows = saved_vocab_rows(saved_config), padded_vocab_size(model, tp)
+    if saved == rows:
+        return None
+    saved_tp = saved_config.get("parallel", {}).get("tp", 1)
+    fix = (f"set model.make_vocab_size_divisible_by={saved // tp} to pad alike" if saved % tp == 0 and saved >= model.vocab_size
+           else f"resume with parallel.tp={saved_tp}")
+    return (f"the checkpoint holds {saved} vocabulary rows (model.vocab_size padded for parallel.tp={saved_tp}), "
+            f"this run {rows} (parallel.tp={tp}, model.make_vocab_size_divisible_by="
+            f"{model.make_vocab_size_divisible_by}); {fix}")

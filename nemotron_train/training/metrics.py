@@ -19,6 +19,7 @@ import torch
 from nemotron_train import rundir
 from nemotron_train.config.schema import Config
 from nemotron_train.errors import ConfigError
+from nemotron_train.training.resilience.stragglers import format_report
 
 def gpu_peak_tflops(cuda_name: str, fp8_gemms: bool) -> float:
     """Dense peak of the GPU called `cuda_name` (platform/devices.py): the FP8 peak when the
@@ -96,7 +97,8 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
-    def train_step(self, step: int, loss: float, lr: float, grad_norm: Optional[float], step_time: float, tokens: int, log: bool) -> None:
+    def train_step(self, step: int, loss: float, lr: float, grad_norm: Optional[float], step_time: float, tokens: int, log: bool,
+                   stragglers: Optional[Dict[str, Any]] = None) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
@@ -117,6 +119,7 @@ class MetricsLogger:
             "mfu": tflops / self.peak_tflops,
             "hfu": tflops * self.hardware_flops_per_token / self.flops_per_token / self.peak_tflops,
             "peak_memory_bytes": peak_memory_bytes(self.device_type),
+            **(stragglers or {}),
         }
         self._write(record)
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
@@ -126,7 +129,13 @@ class MetricsLogger:
             f"MFU {record['mfu'] * 100:.1f}%"
             + (f" (HFU {record['hfu'] * 100:.1f}%)" if record["hfu"] != record["mfu"] else "")
             + f" | peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
+            + (f" | {format_report(stragglers)}" if stragglers else "")
         )
+
+    def event(self, record: Dict[str, Any]) -> None:
+        """A metrics.jsonl record other than a step line (e.g. a skipped or reported step)."""
+        if self.enabled:
+            self._write(record)
 
     def validation(self, step: int, val_loss: float) -> None:
         if not self.enabled:
