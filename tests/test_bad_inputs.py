@@ -146,6 +146,14 @@ CASES = [
     C("checkpoint-empty-dir", ["export-hf", "--checkpoint", "{d}/empty_dir", "--output", "{d}/o"], "--checkpoint {d}/empty_dir: no latest_checkpointed_iteration.txt"),
     C("checkpoint-tracker-dangling", ["export-hf", "--checkpoint", "{d}/tracker_only", "--output", "{d}/o"], "{d}/tracker_only/iter_0000005"),
     C("checkpoint-score-missing", ["score", "--checkpoint", "{d}/no_ckpt", "--text", "hi"], "--checkpoint {d}/no_ckpt"),
+    C("checkpoint-tracker-garbage", ["export-hf", "--checkpoint", "{d}/ck_tracker_text", "--output", "{d}/o"],
+      "ck_tracker_text/latest_checkpointed_iteration.txt: expected an iteration number"),
+    C("checkpoint-meta-not-json", ["export-hf", "--checkpoint", "{d}/ck_meta_json", "--output", "{d}/o"],
+      "ck_meta_json/iter_0000001/nemotron_train.json: not valid JSON"),
+    C("checkpoint-meta-without-config", ["score", "--checkpoint", "{d}/ck_meta_noconfig", "--text", "hi"],
+      "ck_meta_noconfig/iter_0000001/nemotron_train.json has no `config`"),
+    C("checkpoint-meta-bad-config", ["export-hf", "--checkpoint", "{d}/ck_meta_badconfig", "--output", "{d}/o"],
+      "ck_meta_badconfig/iter_0000001/nemotron_train.json: its run config is not valid here (model.hidden_size"),
     # ---------------------------------------------------------------- Hugging Face directories
     C("hf-no-config", ["import-hf", "--hf", "{d}/empty_dir", "--output", "{d}/o"], "--hf {d}/empty_dir: no config.json"),
     C("hf-config-not-json", ["import-hf", "--hf", "{d}/hf_badjson", "--output", "{d}/o"], "--hf {d}/hf_badjson: config.json is not valid JSON"),
@@ -206,6 +214,13 @@ def case_dir(tmp_path_factory) -> Path:
         "hf_no_vocab/config.json": json.dumps({k: v for k, v in HF_CONFIG.items() if k != "vocab_size"}),
         "hf_no_weights/config.json": json.dumps(HF_CONFIG),
         "tracker_only/latest_checkpointed_iteration.txt": "5\n",
+        "ck_tracker_text/latest_checkpointed_iteration.txt": "abc\n",
+        "ck_meta_json/latest_checkpointed_iteration.txt": "1\n",
+        "ck_meta_json/iter_0000001/nemotron_train.json": "{\n",
+        "ck_meta_noconfig/latest_checkpointed_iteration.txt": "1\n",
+        "ck_meta_noconfig/iter_0000001/nemotron_train.json": json.dumps({"step": 1}),
+        "ck_meta_badconfig/latest_checkpointed_iteration.txt": "1\n",
+        "ck_meta_badconfig/iter_0000001/nemotron_train.json": json.dumps({"step": 1, "config": {"model": {"hidden_size": "x"}}}),
     }
     for name, text in files.items():
         (d / name).parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from nemotron_train.checkpoint import layout
 from nemotron_train.config.loader import apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from nemotron_train.config.pattern import layer_types
 from nemotron_train.config.schema import Config, ModelConfig
-from nemotron_train.errors import CheckpointError, HFConversionError
+from nemotron_train.errors import CheckpointError, ConfigError, HFConversionError
 from nemotron_train.hf.mapping import (
     DTYPE_NAMES,
     canonical_key,
@@ -136,7 +136,10 @@ def load_checkpoint_model(checkpoint: str | Path, iteration: Optional[int] = Non
     meta = layout.read_meta(iter_dir)
     if "config" not in meta:
         raise CheckpointError(f"{layout.meta_file(iter_dir)} has no `config`; it was not written by this project's Checkpointer")
-    cfg = config_from_dict(meta["config"])
+    try:
+        cfg = config_from_dict(meta["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{layout.meta_file(iter_dir)}: its run config is not valid here ({exc})") from None
     run, pgs = start_single_process(cfg, device)
     model = build_model(run, pgs)
     # `_extra_state` holds FP8 scaling state, not weights; the optimizer, scheduler and RNG
