@@ -2,8 +2,9 @@
 
 Training records carry `step` and `loss` (plus lr, grad_norm, tokens_per_sec, step_time_s,
 tflops_per_gpu, mfu); validation records carry `step` and `val_loss`. A resumed run appends
-to the same file, so a step can appear twice: the last record of a step wins. Lines that
-do not parse (a run killed mid-write) are skipped and counted.
+to the same file, so a step can appear twice: the last record of a step wins (the resumed
+run's; the trainer also trims the file when it resumes). A line torn by a kill is skipped
+and counted, or, when the resumed run continued it, its intact record is kept.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _parse_record(line: str) -> Optional[Dict[str, Any]]:
+    """One metrics record, or None. A line torn by a kill and then continued by the resumed
+    run (`{"step": 5, "lo{"step": 4, ...}`) still yields the resumed run's record."""
+    for start in (0, line.rfind('{"step"')):
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+            int(record["step"])
+            return record
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def read_run(run_dir: str | Path, label: Optional[str] = None) -> RunMetrics:
     """Load one run directory; ConfigError if it has no metrics.jsonl."""
     path = Path(run_dir)
@@ -83,12 +99,11 @@ def read_run(run_dir: str | Path, label: Optional[str] = None) -> RunMetrics:
     for line in metrics.read_text().splitlines():
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
+        record = _parse_record(line)
+        if record is None:
             skipped += 1
             continue
+        step = int(record["step"])
         if "loss" in record:
             train[step] = record
         if "val_loss" in record:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -33,6 +34,12 @@ from nemotron_train.errors import CheckpointError
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "nemotron_train.json"
 INCOMPLETE = ".incomplete"
+# A complete iteration moved out of the way while a new save of the same step is published
+# (a restart into a run directory that already holds that step), and one being deleted by
+# `prune`. Neither name parses as an iteration, so a crash midway never leaves a half-deleted
+# or half-replaced directory that looks complete; `recover` tidies them up at the next start.
+REPLACED = ".replaced"
+PRUNING = ".pruning"
 _ITER_PREFIX = "iter_"
 _ITER_RE = re.compile(r"iter_(\d+)")
 
@@ -181,14 +188,126 @@ def publish_dir(staging: Path, final: Path) -> None:
 def commit(root: Path, staging: Path, meta: Mapping[str, Any]) -> Path:
     """Publish a staged iteration once all its shards are on disk (one process, rank 0):
     metadata (fsync), rename to `iter_XXXXXXX/`, tracker replaced (fsync). Returns the
-    iteration directory."""
+    iteration directory.
+
+    An `iter_XXXXXXX/` of the same step left by an earlier run in this directory is replaced:
+    moved to `<name>.replaced` first and deleted only once the tracker names the new one, so
+    a crash in between leaves one complete copy that `recover` puts back."""
     step = int(meta["step"])
     final = iter_dir(root, step)
     assert Path(staging) == staging_dir(final), f"{staging} is not the staging directory of {final}"
     fsync_write(meta_file(staging), json.dumps(dict(meta), indent=1))
+    aside = final.with_name(final.name + REPLACED)
+    if final.is_dir() and any(final.iterdir()):
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        fsync_dir(final.parent)
     publish_dir(staging, final)
     write_tracker(root, step)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def recover(root: Path) -> List[str]:
+    """Tidy what a crash inside `commit` or `prune` left behind (rank 0, at start, under the
+    run lock). A `.replaced` copy goes back to its name when the new copy never got there;
+    otherwise it and any `.pruning` directory are deleted. Returns what was done, for the log."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = []
+    for aside in sorted(root.glob(f"{_ITER_PREFIX}*{REPLACED}")):
+        final = aside.with_name(aside.name[: -len(REPLACED)])
+        if not is_iteration_dir(final) and is_iteration_dir(aside):
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(aside, final)
+            fsync_dir(root)
+            done.append(f"restored {final.name} (a replacement of it was interrupted)")
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+            done.append(f"removed {aside.name} (left by an interrupted replacement)")
+    for pruning in sorted(root.glob(f"{_ITER_PREFIX}*{PRUNING}")):
+        shutil.rmtree(pruning, ignore_errors=True)
+        done.append(f"removed {pruning.name} (left by an interrupted prune)")
+    return done
+
+
+def prune(root: Path, keep_last: int) -> List[Path]:
+    """Delete all but the newest `keep_last` complete iterations, by step, counted from the
+    one the tracker names. The tracker's own iteration is never deleted, nor any iteration
+    after it (those belong to an earlier run in this directory and are replaced when this run
+    saves those steps). Each is renamed to `<name>.pruning` before it is deleted, so a crash
+    midway never leaves a half-deleted directory that looks complete."""
+    if keep_last <= 0:
+        return []
+    tracked = read_tracker(root)
+    if tracked is None:
+        return []
+    ours = [p for p in complete_iterations(root) if iteration_of(p) <= tracked]
+    removed = []
+    for old in ours[:-keep_last]:
+        if iteration_of(old) == tracked:
+            continue
+        doomed = old.with_name(old.name + PRUNING)
+        os.replace(old, doomed)
+        delay = float(os.environ.get("NEMOTRON_TRAIN_PRUNE_DELAY_S", "0"))
+        if delay:  # fault-injection window for the crash-safety campaign (bench/faults.py)
+            time.sleep(delay)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+def unreadable_reason(path: Path) -> Optional[str]:
+    """Why a complete-looking iteration cannot be loaded (None when it looks loadable): its
+    metadata must parse and name its step, and the shard index (`.metadata`) must be there."""
+    try:
+        meta = read_meta(path)
+    except CheckpointError as exc:
+        return str(exc)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or meta.get("step") != iteration_of(path):
+        return f"{meta_file(path)}: does not describe step {iteration_of(path)}"
+    index = Path(path) / ".metadata"
+    if not index.is_file() or index.stat().st_size == 0:
+        return f"{index}: missing or empty (the shard index of the checkpoint)"
+    return _missing_shard_bytes(Path(path))
+
+
+def _missing_shard_bytes(path: Path) -> Optional[str]:
+    """Every byte range the shard index names must exist in its file (a truncated or deleted
+    shard file is found here, before any rank starts loading)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data or {}
+    except Exception as exc:  # any damage to the index: unpickling errors vary
+        return f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})"
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"{shard}: missing"
+        if shard.stat().st_size < size:
+            return f"{shard}: {shard.stat().st_size} bytes, the index expects at least {size} (truncated)"
+    return None
+
+
+def resume_candidates(root: Path) -> List[Path]:
+    """Where a resume may start, best first: the tracker's iteration, then every complete
+    iteration before it, newest first (the fallback when the newest cannot be read). Empty
+    without a tracker."""
+    tracked = read_tracker(root)
+    if tracked is None:
+        return []
+    older = [p for p in complete_iterations(root) if iteration_of(p) < tracked]
+    return [iter_dir(root, tracked)] + older[::-1]
 
 
 def save_model_only(model, root: Path, config: Mapping[str, Any], source: str) -> Path:

@@ -30,6 +30,7 @@ import torch
 
 from nemotron_train import rundir
 from nemotron_train.checkpoint import layout
+from nemotron_train.checkpoint.trust import trust_notice
 from nemotron_train.config.loader import apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from nemotron_train.config.pattern import layer_types
 from nemotron_train.config.schema import Config, ModelConfig
@@ -133,6 +134,7 @@ def load_checkpoint_model(checkpoint: str | Path, iteration: Optional[int] = Non
     from nemotron_train.models.build import build_model
 
     iter_dir = layout.locate_checkpoint(checkpoint, iteration)
+    trust_notice(iter_dir)  # export-hf and score read a checkpoint no run of theirs wrote
     meta = layout.read_meta(iter_dir)
     if "config" not in meta:
         raise CheckpointError(f"{layout.meta_file(iter_dir)} has no `config`; it was not written by this project's Checkpointer")

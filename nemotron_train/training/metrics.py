@@ -75,6 +75,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        dropped = trim_metrics(rundir.metrics_file(self.out_dir), first_step)
+        if dropped:
+            print(f"metrics: dropped {dropped} line(s) of {rundir.METRICS_FILE} after step {first_step} "
+                  "(a torn last line, or steps this run trains again from its checkpoint)", file=sys.stderr, flush=True)
         self._jsonl = open(rundir.metrics_file(self.out_dir), "a", buffering=1)
         if self.cfg.logging.progress_bar:
             from tqdm import tqdm
@@ -168,6 +172,32 @@ class MetricsLogger:
         rundir.summary_file(self.out_dir).write_text(json.dumps(summary, indent=2) + "\n")
         lines = [f"  {k}: {v}" for k, v in summary.items()]
         print("training summary\n" + "\n".join(lines), flush=True)
+
+
+def trim_metrics(path: Path, through_step: int) -> int:
+    """Keep the records of steps up to `through_step` (where this run starts) and drop the
+    rest: a line torn by a kill, and the records of steps after the checkpoint, which the
+    resumed run logs again. Readers then see one record per step, this run's. The file is
+    replaced atomically. Returns the number of lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= through_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += bool(line.strip())
+    if dropped or (path.stat().st_size and not path.read_bytes().endswith(b"\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def _start_wandb(cfg: Config):

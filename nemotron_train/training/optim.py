@@ -76,8 +76,9 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
         end_wd=o.weight_decay,
         wd_incr_steps=t.steps * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # Which schedule wins on resume; the checkpointer prints what changed (old -> new).
+        use_checkpoint_opt_param_scheduler=s.use_checkpoint_schedule,
+        override_opt_param_scheduler=not s.use_checkpoint_schedule,
         wsd_decay_steps=wsd_decay * gbs if s.type == "wsd" else None,
         lr_wsd_decay_style=s.wsd_decay_style if s.type == "wsd" else None,
     )
