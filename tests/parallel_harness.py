@@ -34,9 +34,9 @@ SMOKE_MODEL = [
     "model.mamba_state_dim=8",
     "model.mamba_num_groups=2",
     "model.chunk_size=8",
-    # 60 ids in 64 rows in every layout (a multiple of 32 x TP for TP 1 and 2): the padding
-    # rows take part in the loss alike, so the layouts must still agree.
-    "model.vocab_size=60",
+    # 61 ids (not divisible by TP 2) in 64 rows in every layout (a multiple of 32 x TP for TP 1
+    # and 2): the padding rows take part in the loss alike, so the layouts must still agree.
+    "model.vocab_size=61",
     "model.make_vocab_size_divisible_by=32",
     "model.spec=local",
     "train.seq_length=24",
