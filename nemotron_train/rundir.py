@@ -5,6 +5,7 @@
         metrics.jsonl          one JSON line per logged step / validation
         summary.json           written when training ends (also on an early stop)
         COMPLETED              written after the final checkpoint of a finished run
+        run.lock               held by the run using this directory (host, pid)
         checkpoints/           default `checkpoint.dir` (layout: nemotron_train/checkpoint/layout.py)
         data_cache/            default `data.cache_dir` (blend sample indices, tokenised corpus)
         tensorboard/           TensorBoard events (logging.tensorboard)
@@ -29,6 +30,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 COMPLETED_MARKER = "COMPLETED"
+LOCK_FILE = "run.lock"
 CHECKPOINTS_DIR = "checkpoints"
 DATA_CACHE_DIR = "data_cache"
 TENSORBOARD_DIR = "tensorboard"
@@ -53,6 +55,10 @@ def summary_file(run_dir: PathLike) -> Path:
 
 def completed_marker(run_dir: PathLike) -> Path:
     return Path(run_dir) / COMPLETED_MARKER
+
+
+def lock_file(run_dir: PathLike) -> Path:
+    return Path(run_dir) / LOCK_FILE
 
 
 def checkpoint_dir(run_dir: PathLike, configured: Optional[str] = None) -> Path:

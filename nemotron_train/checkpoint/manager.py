@@ -31,8 +31,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemotron_train import rundir
-from nemotron_train.checkpoint import layout
+from nemotron_train.checkpoint import layout, space
 from nemotron_train.checkpoint.mcore_fixes import materialize_optimizer_state, unshare_step_tensors
+from nemotron_train.checkpoint.trust import trust_notice
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.errors import CheckpointError
 from nemotron_train.models.vocab import vocab_rows_mismatch
@@ -82,7 +83,14 @@ def _rng_state() -> Dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def rng_sharded_object(pgs) -> ShardedObject:
+    """This rank's RNG states. They differ per rank, so they are keyed by (pp, tp, dp) rank
+    and only a resume with the same shape restores them (`rng_restorable`)."""
+    pp, tp, dp = pgs.pp, pgs.tp, pgs.dp
+    return ShardedObject("rng_state", _rng_state(), (pp.size(), tp.size(), dp.size()), (pp.rank(), tp.rank(), dp.rank()), replica_id=0)
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
     import random
 
     import numpy as np
@@ -92,6 +100,48 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def rng_restorable(meta: Dict[str, Any], current: Dict[str, int]) -> bool:
+    """Whether the checkpoint's per-rank RNG states fit this run: the same TP x PP x DP shape
+    as recorded at save time. What the config's `launch` section says does not matter (a
+    torchrun or SLURM launch has its own), only the ranks that really exist."""
+    return meta.get("layout") == current
+
+
+# Scheduler fields as megatron-core's OptimizerParamScheduler saves them (step counts in
+# samples), with the config keys they come from.
+_SCHEDULE_FIELDS = {
+    "max_lr": "optimizer.lr",
+    "min_lr": "optimizer.min_lr",
+    "lr_warmup_steps": "scheduler.warmup_steps, in samples",
+    "lr_decay_steps": "scheduler.decay_steps or train.steps, in samples",
+    "lr_decay_style": "scheduler.type",
+    "start_wd": "optimizer.weight_decay",
+    "end_wd": "optimizer.weight_decay",
+    "wd_incr_steps": "train.steps, in samples",
+    "wd_incr_style": "weight decay style",
+}
+
+
+def schedule_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> list:
+    """`name (config key) old -> new` for every schedule field the config changed since the save."""
+    return [
+        f"{name} ({key}) {saved[name]!r} -> {current[name]!r}"
+        for name, key in _SCHEDULE_FIELDS.items()
+        if name in saved and name in current and saved[name] != current[name]
+    ]
+
+
+def report_schedule_change(saved: Dict[str, Any], current: Dict[str, Any], cfg: Config) -> None:
+    changes = schedule_changes(saved, current)
+    if not changes:
+        return
+    if cfg.scheduler.use_checkpoint_schedule:
+        action = "keeping the checkpoint's schedule (scheduler.use_checkpoint_schedule=true)"
+    else:
+        action = "following the config (scheduler.use_checkpoint_schedule=true keeps the checkpoint's)"
+    print(f"schedule changed since the checkpoint: {'; '.join(changes)}; {action}", file=sys.stderr, flush=True)
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, pgs, is_logging_rank: bool):
         self.cfg = cfg
@@ -99,8 +149,15 @@ class Checkpointer:
         self.is_logging_rank = is_logging_rank
         self.root = rundir.checkpoint_dir(cfg.run.output_dir, cfg.checkpoint.dir)
         self._queue = None
+        self._saved_step: Optional[int] = None  # the step this process last saved (or scheduled)
+        if is_logging_rank:  # under the run lock: nothing else writes here now
+            for line in layout.recover(self.root):
+                print(f"checkpoint: {line}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ state dicts
+
+    def _rank_layout(self) -> Dict[str, int]:
+        return {"tp": self.pgs.tp.size(), "pp": self.pgs.pp.size(), "dp": self.pgs.dp.size()}
 
     def _sharded_state_dict(self, model, optimizer, scheduler, state, is_loading: bool) -> Dict[str, Any]:
         model_sd = model.module.sharded_state_dict() if hasattr(model, "module") else model.sharded_state_dict()
@@ -110,15 +167,7 @@ class Checkpointer:
             "opt_param_scheduler": scheduler.state_dict(),
             "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
         }
-        # RNG states differ per rank; keyed by rank so a same-layout resume restores them.
-        pp, tp, dp = self.pgs.pp, self.pgs.tp, self.pgs.dp
-        sd["rng_state"] = ShardedObject(
-            "rng_state",
-            _rng_state(),
-            (pp.size(), tp.size(), dp.size()),
-            (pp.rank(), tp.rank(), dp.rank()),
-            replica_id=0,
-        )
+        sd["rng_state"] = rng_sharded_object(self.pgs)
         return sd
 
     # ------------------------------------------------------------------ save
@@ -129,27 +178,62 @@ class Checkpointer:
         With `checkpoint.async_save` the shards are written by a background process while
         training continues, and the commit runs from `maybe_finalize()` on a later step."""
         final = layout.iter_dir(self.root, state.step)
-        if final.exists():
-            return final  # already saved this step (e.g. interval and end coincide)
+        if self._saved_step == state.step:
+            # Already saved (or, async, still saving) this step in this run: the interval and
+            # the end coincide, or a stop signal arrived on an interval step. An iter_N/ from
+            # an earlier run in this directory is not this run's: it is replaced at commit.
+            return final
         self.maybe_finalize(blocking=True)  # one save in flight at a time
+        self._saved_step = state.step
+        free_before = self._check_space(final)
         staging = layout.staging_dir(final)
         if self.is_logging_rank:
             layout.fresh_staging_dir(final)
         dist.barrier()
         materialize_optimizer_state(optimizer)  # a save before the first step needs it too
         sd = self._sharded_state_dict(model, optimizer, scheduler, state, is_loading=False)
-        meta = layout.make_meta(state.step, state.consumed_samples, dataclasses.asdict(self.cfg))
+        meta = layout.make_meta(state.step, state.consumed_samples, dataclasses.asdict(self.cfg), layout=self._rank_layout())
         commit = partial(self._commit, staging, meta)
         if self.cfg.checkpoint.async_save:
             request = dist_checkpointing.save(sd, str(staging), async_sharded_save=True)
             request.add_finalize_fn(commit)
             self._async_queue().schedule_async_request(request)
         else:
-            dist_checkpointing.save(sd, str(staging))
+            try:
+                dist_checkpointing.save(sd, str(staging))
+            except Exception as exc:
+                if not space.is_out_of_space(exc):
+                    raise
+                raise self._out_of_space(final, staging, free_before) from None
             dist.barrier()  # every rank has finished writing its shards
             commit()
             dist.barrier()
         return final
+
+    def _check_space(self, final: Path) -> int:
+        """Refuse a save that cannot fit, before writing anything; returns the free bytes.
+        Rank 0 measures (the size of the newest complete checkpoint is the estimate) and
+        every rank takes its answer, so all ranks stop together."""
+        problem = None
+        free = space.free_bytes(final.parent)
+        if self.is_logging_rank:
+            done = layout.complete_iterations(final.parent)
+            problem = space.shortfall(final.parent, layout.iteration_of(final), space.tree_bytes(done[-1]) if done else None)
+        flag = [str(problem) if problem else ""]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            raise CheckpointError(flag[0])
+        return free
+
+    def _out_of_space(self, final: Path, staging: Path, free_before: int) -> CheckpointError:
+        """The disk filled during a sync save: drop the partial staging directory (rank 0)."""
+        written = space.tree_bytes(staging)
+        if self.is_logging_rank:
+            shutil.rmtree(staging, ignore_errors=True)
+        done = [p for p in layout.complete_iterations(final.parent) if p != final]
+        needed = space.tree_bytes(done[-1]) if done else max(written, free_before) + 2**20
+        return space.not_enough_space(final.parent, layout.iteration_of(final), needed, free_before, written)
 
     def _commit(self, staging: Path, meta: Dict[str, Any]) -> None:
         """Runs on every rank after all shards are on disk; rank 0 publishes the checkpoint."""
@@ -159,7 +243,7 @@ class Checkpointer:
         if delay:  # fault-injection window for crash-safety tests
             time.sleep(delay)
         final = layout.commit(self.root, staging, meta)
-        self._prune()
+        layout.prune(self.root, self.cfg.checkpoint.keep_last)
         print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
 
     def _async_queue(self):
@@ -173,12 +257,6 @@ class Checkpointer:
         """Commit finished async saves (call on every rank, every step)."""
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=blocking)
-
-    def _prune(self) -> None:
-        keep = self.cfg.checkpoint.keep_last
-        done = layout.complete_iterations(self.root)
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
 
     def finalize(self) -> None:
         """Wait for outstanding saves and commit them."""
@@ -201,17 +279,27 @@ class Checkpointer:
         if incomplete and self.is_logging_rank:
             names = ", ".join(p.name for p in incomplete)
             print(f"warning: ignoring incomplete checkpoint(s) in {root}: {names} (an interrupted save)", file=sys.stderr)
-        step = layout.read_tracker(root)
-        if step is None:
+        candidates = layout.resume_candidates(root)
+        if not candidates:
             if self.cfg.checkpoint.load and root != self.root:
                 raise CheckpointError(f"checkpoint.load={root}: no {layout.TRACKER}; is this a checkpoint directory?")
             return None
-        path = layout.iter_dir(root, step)
-        if not layout.is_iteration_dir(path):
-            raise CheckpointError(
-                f"{layout.tracker_file(root)} points to {path}, which is missing or incomplete; restore it or delete the tracker"
-            )
-        return path
+        problems = []
+        for path in candidates:
+            problem = layout.unreadable_reason(path) if layout.is_iteration_dir(path) else f"{path} is missing or incomplete"
+            if problem is None:
+                if problems and self.is_logging_rank:
+                    print(f"warning: cannot resume from {candidates[0].name} ({problems[0]}); "
+                          f"resuming from {path.name}, the newest readable checkpoint before it", file=sys.stderr, flush=True)
+                if root != self.root and self.is_logging_rank:
+                    trust_notice(path)
+                return path
+            problems.append(problem)
+        raise CheckpointError(
+            f"{layout.tracker_file(root)} names step {candidates[0].name}, which cannot be read ({problems[0]}), and no "
+            f"complete checkpoint before it can be read either; restore it, or delete {layout.tracker_file(root)} to start "
+            "over (this run's saves then replace the old iterations)"
+        )
 
     def _load_model_only(self, path: Path, model, optimizer):
         """A starting point without optimizer state (e.g. `import-hf`): weights only, step 0."""
@@ -241,21 +329,22 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path}: {rows_problem}")
         if layout.is_model_only(meta):
             return self._load_model_only(path, model, optimizer)
-        saved_par = meta["config"]["parallel"]
-        same_layout = saved_par["tp"] == self.cfg.parallel.tp and saved_par["pp"] == self.cfg.parallel.pp
         materialize_optimizer_state(optimizer)
         sd = self._sharded_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
-        if not same_layout or meta["config"]["launch"] != dataclasses.asdict(self.cfg.launch):
-            sd.pop("rng_state")  # another layout has other ranks; the seed-derived state stands
+        if not rng_restorable(meta, self._rank_layout()):
+            sd.pop("rng_state")  # other ranks (or a layout not recorded): the seed-derived state stands
         loaded = dist_checkpointing.load(sd, str(path))
         target = model.module if hasattr(model, "module") else model
         target.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_step_tensors(optimizer)
+        if self.is_logging_rank:
+            report_schedule_change(loaded["opt_param_scheduler"], scheduler.state_dict(), self.cfg)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:
-            _set_rng_state(loaded["rng_state"])
+            restore_rng(loaded["rng_state"])
         ts = loaded["train_state"]
         if self.is_logging_rank:
-            print(f"resumed from {path} at step {ts['step']} ({ts['consumed_samples']} samples consumed)", file=sys.stderr)
+            rng = "RNG state restored" if "rng_state" in loaded else "RNG state from the seed (the rank layout changed)"
+            print(f"resumed from {path} at step {ts['step']} ({ts['consumed_samples']} samples consumed; {rng})", file=sys.stderr)
         return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]))

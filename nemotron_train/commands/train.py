@@ -73,6 +73,10 @@ def preflight(cfg: Config, world_size: int) -> "ResolvedRun":
 
 
 def main(args: argparse.Namespace) -> int:
+    from nemotron_train.training.stop import install_stop_handler
+
+    if _under_launcher():  # a rank: a stop signal from here on is honoured at the first step
+        install_stop_handler()
     overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
     if _under_launcher():
@@ -85,8 +89,11 @@ def main(args: argparse.Namespace) -> int:
             f"launch.nnodes={cfg.launch.nnodes}: multi-node runs start through torchrun or SLURM "
             "(see `nemotron-train sbatch`); run this command under torchrun on each node"
         )
+    direct = nproc == 1 and cfg.launch.max_restarts == 0  # restarts need torchrun, even for one rank
+    if direct:  # this process is the rank (otherwise it execs torchrun below)
+        install_stop_handler(cfg.train.exit_signal)
     run = preflight(cfg, nproc)
-    if nproc == 1 and cfg.launch.max_restarts == 0:  # restarts need torchrun, even for one rank
+    if direct:
         return _run_rank(run)
     _check_port(cfg)
     cmd = [

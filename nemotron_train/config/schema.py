@@ -214,6 +214,9 @@ class SchedulerConfig:
     wsd_decay_style: WSDDecayStyle = "linear"
     # Batch-size ramp: [start_global_batch, increment, ramp_samples]; empty = off.
     rampup_batch_size: List[int] = field(default_factory=list)
+    # On resume, a schedule that differs from the checkpoint's (e.g. more train.steps) follows
+    # the config and the change is printed; true keeps the checkpoint's schedule instead.
+    use_checkpoint_schedule: bool = False
 
 
 @dataclass

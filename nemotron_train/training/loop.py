@@ -25,6 +25,7 @@ from megatron.core.num_microbatches_calculator import (
 
 from nemotron_train import rundir
 from nemotron_train.checkpoint import TrainState, install_mcore_fixes
+from nemotron_train.checkpoint.lock import lock_run_dir
 from nemotron_train.config import Config, save_config
 from nemotron_train.distributed.groups import amax_reduction_group, init_process_groups
 from nemotron_train.fp8 import fp8_end_of_step
@@ -37,6 +38,7 @@ from nemotron_train.training.cuda_graphs import CudaGraphCapture
 from nemotron_train.training.manual_gc import ManualGC
 from nemotron_train.training.optim import build_optimizer, build_scheduler, params_synced, wrap_ddp
 from nemotron_train.training.step import eval_step, train_step
+from nemotron_train.training.stop import install_stop_handler
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -66,12 +68,15 @@ def _flops_per_token(cfg: Config, world_size: int) -> Tuple[float, float]:
 class Trainer:
     def __init__(self, run: ResolvedRun):
         cfg = self.cfg = run.cfg
+        # First: a stop signal that arrives during setup is recorded and honoured at the first step.
+        self.signals = install_stop_handler(cfg.train.exit_signal)
         # --- the run was resolved (validated) before this; now platform and process groups
         self.dp_size = run.dp_size
         self.platform = setup_platform(torch_compile=run.performance.torch_compile, deterministic=cfg.train.deterministic)
         install_mcore_fixes()
         self.pgs = init_process_groups(cfg, self.platform)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.run_lock = lock_run_dir(cfg.run.output_dir, self.rank)  # one run per output directory
         self.dp_rank = self.pgs.dp.rank()
         self.device = self.platform.device
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -145,9 +150,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.rank == 0:
             save_config(cfg, rundir.config_file(cfg.run.output_dir))
-        from nemotron_train.training.stop import ExitSignalHandler, exit_signal_names, should_exit
+        from nemotron_train.training.stop import should_exit
 
-        signals = ExitSignalHandler(exit_signal_names(t.exit_signal))
+        signals = self.signals
         start_time = time.time()
         self.metrics.start(self.state.step)
         first_step = self.state.step
@@ -188,6 +193,8 @@ class Trainer:
         if self.cfg.checkpoint.save_at_end or stop_reason:
             self._save()
         self.checkpointer.finalize()
+        if self.run_lock is not None:
+            self.run_lock.release()
         self.manual_gc.close()
         summary = {
             "steps": self.state.step,

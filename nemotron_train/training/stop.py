@@ -35,7 +35,7 @@ from nemotron_train.rundir import COMPLETED_MARKER, PathLike, completed_marker
 __all__ = [
     "COMPLETED_MARKER", "DEFAULT_EXIT_SIGNALS", "EXIT_CODE_DONE", "EXIT_CODE_RESUMABLE", "ExitSignalHandler",
     "clear_completed", "completed_marker", "completed_steps", "exit_signal_names", "is_completed",
-    "job_exit_code", "mark_completed", "resumable_exit_code", "should_exit", "signal_name",
+    "install_stop_handler", "job_exit_code", "mark_completed", "resumable_exit_code", "should_exit", "signal_name",
 ]
 
 EXIT_CODE_DONE = 0
@@ -131,6 +131,32 @@ class ExitSignalHandler:
 
     def reset(self) -> None:
         self._received.clear()
+
+    def extend(self, signal_names: Iterable[str]) -> "ExitSignalHandler":
+        """Also handle `signal_names` (installed at once when this handler is installed)."""
+        for name in signal_names:
+            sig = signal.Signals[signal_name(name)]
+            if sig not in self.signals:
+                self.signals += (sig,)
+                if self._previous:
+                    self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+
+_STOP_HANDLER: Optional[ExitSignalHandler] = None
+
+
+def install_stop_handler(exit_signal: Optional[str] = None) -> ExitSignalHandler:
+    """The process's one stop-signal handler, installed on the first call and extended by
+    `exit_signal` on later ones. A rank calls it first thing (before the config is read and
+    again at the start of setup), so a SIGTERM or SIGUSR1 that arrives while the model, data
+    or checkpoint are being set up is recorded, not fatal, and honoured at the first step."""
+    global _STOP_HANDLER
+    if _STOP_HANDLER is None or not _STOP_HANDLER.installed:
+        _STOP_HANDLER = ExitSignalHandler(exit_signal_names(exit_signal))
+    else:
+        _STOP_HANDLER.extend(exit_signal_names(exit_signal))
+    return _STOP_HANDLER
 
 
 def _local_flags(handler: Optional[ExitSignalHandler], start_time: float, exit_duration_minutes: Optional[float]) -> List[int]:
