@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from nemotron_train.checkpoint import layout
-from nemotron_train.checkpoint.lock import RunLock, RunLockedError
 from nemotron_train.errors import CheckpointError, UserError
 
 
@@ -222,6 +221,8 @@ time.sleep(60)
 
 
 def test_a_second_run_on_one_directory_is_refused_naming_the_holder(tmp_path):
+    from nemotron_train.checkpoint.lock import RunLock, RunLockedError
+
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
