@@ -62,6 +62,7 @@ def test_a_stop_signal_during_setup_stops_at_the_first_step_with_an_async_save(r
 def test_a_restart_without_resume_replaces_the_earlier_runs_checkpoints(run_dir):
     proc = train(run_dir, *ONE_RANK, "train.steps=2", "checkpoint.interval=1", "checkpoint.resume=false")
     assert "resumed from" not in proc.stderr
+    assert "replacing iter_0000001" in proc.stderr  # said, not silent
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "2"
     saved = json.loads((ckpts / "iter_0000001" / "nemotron_train.json").read_text())

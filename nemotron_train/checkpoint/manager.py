@@ -242,6 +242,9 @@ class Checkpointer:
         delay = float(os.environ.get("NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S", "0"))
         if delay:  # fault-injection window for crash-safety tests
             time.sleep(delay)
+        if layout.is_iteration_dir(layout.iter_dir(self.root, int(meta["step"]))):
+            print(f"replacing {layout.iter_dir_name(int(meta['step']))} in {self.root}: saved by an earlier run in this directory",
+                  file=sys.stderr, flush=True)
         final = layout.commit(self.root, staging, meta)
         layout.prune(self.root, self.cfg.checkpoint.keep_last)
         print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
