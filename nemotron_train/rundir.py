@@ -7,6 +7,7 @@
         COMPLETED              written after the final checkpoint of a finished run
         run.lock               held by the run using this directory (host, pid)
         checkpoints/           default `checkpoint.dir` (layout: nemotron_train/checkpoint/layout.py)
+        checkpoints_non_persistent/  default `checkpoint.non_persistent_dir` (same layout, newest only)
         data_cache/            default `data.cache_dir` (blend sample indices, tokenised corpus)
         tensorboard/           TensorBoard events (logging.tensorboard)
         sbatch/                rendered sbatch scripts and their config snapshots
@@ -32,6 +33,7 @@ SUMMARY_FILE = "summary.json"
 COMPLETED_MARKER = "COMPLETED"
 LOCK_FILE = "run.lock"
 CHECKPOINTS_DIR = "checkpoints"
+NON_PERSISTENT_CHECKPOINTS_DIR = "checkpoints_non_persistent"
 DATA_CACHE_DIR = "data_cache"
 TENSORBOARD_DIR = "tensorboard"
 SBATCH_DIR = "sbatch"
@@ -64,6 +66,11 @@ def lock_file(run_dir: PathLike) -> Path:
 def checkpoint_dir(run_dir: PathLike, configured: Optional[str] = None) -> Path:
     """`checkpoint.dir` when set, else `<run_dir>/checkpoints`."""
     return Path(configured) if configured else Path(run_dir) / CHECKPOINTS_DIR
+
+
+def non_persistent_checkpoint_dir(run_dir: PathLike, configured: Optional[str] = None) -> Path:
+    """`checkpoint.non_persistent_dir` when set, else `<run_dir>/checkpoints_non_persistent`."""
+    return Path(configured) if configured else Path(run_dir) / NON_PERSISTENT_CHECKPOINTS_DIR
 
 
 def data_cache_dir(run_dir: PathLike, configured: Optional[str] = None) -> str:

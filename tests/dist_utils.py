@@ -73,8 +73,10 @@ def run_distributed(
     *args: Any,
     timeout_s: float = 120.0,
     env: Optional[Dict[str, str]] = None,
+    daemon: bool = True,
 ) -> List[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return results by rank."""
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return results by rank.
+    `daemon=False` lets the ranks start processes of their own (e.g. checkpoint writers)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -82,7 +84,7 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(fn, rank, world_size, port, args, dict(env or {}), timeout_s, results),
-            daemon=True,
+            daemon=daemon,
         )
         for rank in range(world_size)
     ]

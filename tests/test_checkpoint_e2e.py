@@ -122,3 +122,33 @@ def test_async_save_commits_and_resumes_exactly(tmp_path, straight):
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     train(out, *ONE_RANK, *SIX, "train.steps=6", "checkpoint.async_save=true")
     assert losses(out) == straight
+
+
+def test_kill_after_non_persistent_save_resumes_from_it(tmp_path, straight):
+    out = tmp_path / "non_persistent"
+    ckpts, frequent = out / "checkpoints", out / "checkpoints_non_persistent"
+    every2 = ["checkpoint.non_persistent_interval=2"]
+    # Non-persistent saves at steps 2 and 4; the persistent save at the end (step 6) is held
+    # open at its commit and the run SIGKILLed there, so step 4 is the newest complete one.
+    args = ["train", SMOKE, f"run.output_dir={out}", f"launch.master_port={_free_port()}", *SHORT, *ONE_RANK, *SIX,
+            "train.steps=6", *every2]
+    env = dict(_env(), NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S="60")
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron_train", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    staging = ckpts / "iter_0000006.incomplete"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (staging / ".metadata").exists():
+        time.sleep(0.2)
+    assert (staging / ".metadata").exists(), "the final save never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert losses(out) == straight  # saving non-persistent checkpoints changes nothing
+    assert not (ckpts / "latest_checkpointed_iteration.txt").exists()
+    assert sorted(p.name for p in frequent.glob("iter_*")) == ["iter_0000004"]  # only the newest is kept
+    assert (frequent / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+    resumed = train(out, *ONE_RANK, *SIX, "train.steps=6", *every2)
+    assert "resumed from" in resumed.stderr and "checkpoints_non_persistent/iter_0000004" in resumed.stderr
+    last_by_step = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert [last_by_step[s] for s in range(1, 7)] == straight  # steps 5 and 6 as trained again
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "6"

@@ -7,8 +7,9 @@ finished writing does rank 0 commit it (metadata, rename, tracker; all fsync'd).
 any point leaves the previous checkpoint and tracker intact; the next run reports the
 leftover `.incomplete` directory and resumes from the tracker.
 
-Optimizer state is saved per parameter in model space (`fully_reshardable`), so a
-run can resume with different TP, PP or DP sizes; layer keys are global (see stack.py), so
+How the state is cut, written and read is strategy.py's: every rank writes only its own
+shard, optimizer state in model space (each rank's flat range as boxes of each parameter's
+tensor), so a run can resume with different TP, PP or DP sizes; layer keys are global (see stack.py), so
 PP changes work for Mamba layers too. The megatron-core 0.16 optimizer workarounds are in
 mcore_fixes.py (`install_mcore_fixes()` is called at setup, not here).
 """
@@ -31,14 +32,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemotron_train import rundir
-from nemotron_train.checkpoint import layout, space
+from nemotron_train.checkpoint import layout, space, strategy
 from nemotron_train.checkpoint.mcore_fixes import materialize_optimizer_state, unshare_step_tensors
 from nemotron_train.checkpoint.trust import trust_notice
 from nemotron_train.config.schema import Config, ModelConfig
 from nemotron_train.errors import CheckpointError
 from nemotron_train.models.vocab import vocab_rows_mismatch
 
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that must match for a checkpoint to load (the rest may change on resume).
 # The padding divisor may change as long as the padded row count does (vocab_rows_mismatch).
 ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
@@ -148,6 +148,7 @@ class Checkpointer:
         self.pgs = pgs
         self.is_logging_rank = is_logging_rank
         self.root = rundir.checkpoint_dir(cfg.run.output_dir, cfg.checkpoint.dir)
+        self.non_persistent_root = rundir.non_persistent_checkpoint_dir(cfg.run.output_dir, cfg.checkpoint.non_persistent_dir)
         self._queue = None
         self._saved_step: Optional[int] = None  # the step this process last saved (or scheduled)
         if is_logging_rank:  # under the run lock: nothing else writes here now
@@ -163,7 +164,7 @@ class Checkpointer:
         model_sd = model.module.sharded_state_dict() if hasattr(model, "module") else model.sharded_state_dict()
         sd: Dict[str, Any] = {
             "model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA),
+            "optimizer": strategy.optimizer_sharded_state_dict(optimizer, model_sd, is_loading),
             "opt_param_scheduler": scheduler.state_dict(),
             "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
         }
@@ -172,19 +173,21 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, model, optimizer, scheduler, state) -> Path:
+    def save(self, model, optimizer, scheduler, state, non_persistent: bool = False) -> Path:
         """Write shards into a staging directory; commit once every rank has finished.
 
         With `checkpoint.async_save` the shards are written by a background process while
-        training continues, and the commit runs from `maybe_finalize()` on a later step."""
-        final = layout.iter_dir(self.root, state.step)
-        if self._saved_step == state.step:
+        training continues, and the commit runs from `maybe_finalize()` on a later step.
+        `non_persistent` saves go to `checkpoint.non_persistent_dir`, which keeps the newest only."""
+        final = layout.iter_dir(self.non_persistent_root if non_persistent else self.root, state.step)
+        if self._saved_step == state.step and not non_persistent:
             # Already saved (or, async, still saving) this step in this run: the interval and
             # the end coincide, or a stop signal arrived on an interval step. An iter_N/ from
             # an earlier run in this directory is not this run's: it is replaced at commit.
             return final
         self.maybe_finalize(blocking=True)  # one save in flight at a time
-        self._saved_step = state.step
+        if not non_persistent:  # a persistent save may follow a non-persistent one of the same step
+            self._saved_step = state.step
         free_before = self._check_space(final)
         staging = layout.staging_dir(final)
         if self.is_logging_rank:
@@ -193,14 +196,14 @@ class Checkpointer:
         materialize_optimizer_state(optimizer)  # a save before the first step needs it too
         sd = self._sharded_state_dict(model, optimizer, scheduler, state, is_loading=False)
         meta = layout.make_meta(state.step, state.consumed_samples, dataclasses.asdict(self.cfg), layout=self._rank_layout())
-        commit = partial(self._commit, staging, meta)
+        commit = partial(self._commit, staging, meta, non_persistent)
         if self.cfg.checkpoint.async_save:
-            request = dist_checkpointing.save(sd, str(staging), async_sharded_save=True)
+            request = strategy.save(sd, staging, self.pgs, async_save=True)
             request.add_finalize_fn(commit)
             self._async_queue().schedule_async_request(request)
         else:
             try:
-                dist_checkpointing.save(sd, str(staging))
+                strategy.save(sd, staging, self.pgs, async_save=False)
             except Exception as exc:
                 if not space.is_out_of_space(exc):
                     raise
@@ -235,18 +238,19 @@ class Checkpointer:
         needed = space.tree_bytes(done[-1]) if done else max(written, free_before) + 2**20
         return space.not_enough_space(final.parent, layout.iteration_of(final), needed, free_before, written)
 
-    def _commit(self, staging: Path, meta: Dict[str, Any]) -> None:
+    def _commit(self, staging: Path, meta: Dict[str, Any], non_persistent: bool = False) -> None:
         """Runs on every rank after all shards are on disk; rank 0 publishes the checkpoint."""
         if not self.is_logging_rank:
             return
         delay = float(os.environ.get("NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S", "0"))
-        if delay:  # fault-injection window for crash-safety tests
+        if delay and not non_persistent:  # fault-injection window for crash-safety tests
             time.sleep(delay)
-        if layout.is_iteration_dir(layout.iter_dir(self.root, int(meta["step"]))):
-            print(f"replacing {layout.iter_dir_name(int(meta['step']))} in {self.root}: saved by an earlier run in this directory",
+        root = self.non_persistent_root if non_persistent else self.root
+        if layout.is_iteration_dir(layout.iter_dir(root, int(meta["step"]))):
+            print(f"replacing {layout.iter_dir_name(int(meta['step']))} in {root}: saved by an earlier run in this directory",
                   file=sys.stderr, flush=True)
-        final = layout.commit(self.root, staging, meta)
-        layout.prune(self.root, self.cfg.checkpoint.keep_last)
+        final = layout.commit(root, staging, meta)
+        layout.prune(root, 1 if non_persistent else self.cfg.checkpoint.keep_last)
         print(f"saved checkpoint {final}", file=sys.stderr, flush=True)
 
     def _async_queue(self):
@@ -304,6 +308,18 @@ class Checkpointer:
             "over (this run's saves then replace the old iterations)"
         )
 
+    def _resume_dir(self) -> Optional[Path]:
+        """`find_resume_dir`, unless this run's newest non-persistent checkpoint is newer (or
+        the run has no persistent one of its own yet): resume takes the newest complete one."""
+        tracked = layout.read_tracker(self.non_persistent_root) if self.cfg.checkpoint.resume else None
+        newest = layout.iter_dir(self.non_persistent_root, tracked) if tracked is not None else None
+        if newest is None or not layout.is_iteration_dir(newest):
+            return self.find_resume_dir()
+        persistent = self.find_resume_dir() if layout.has_tracker(self.root) else None
+        if persistent is not None and layout.iteration_of(persistent) >= tracked:
+            return persistent
+        return newest
+
     def _load_model_only(self, path: Path, model, optimizer):
         """A starting point without optimizer state (e.g. `import-hf`): weights only, step 0."""
         target = model.module if hasattr(model, "module") else model
@@ -322,7 +338,7 @@ class Checkpointer:
     def load_latest(self, model, optimizer, scheduler) -> Optional[TrainState]:
         if not self.cfg.checkpoint.resume and not self.cfg.checkpoint.load:
             return None
-        path = self.find_resume_dir()
+        path = self._resume_dir()
         if path is None:
             return None
         meta = layout.read_meta(path)
@@ -336,10 +352,10 @@ class Checkpointer:
         sd = self._sharded_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
         if not rng_restorable(meta, self._rank_layout()):
             sd.pop("rng_state")  # other ranks (or a layout not recorded): the seed-derived state stands
-        loaded = dist_checkpointing.load(sd, str(path))
+        loaded = strategy.load(sd, path, self.pgs)
         target = model.module if hasattr(model, "module") else model
         target.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        strategy.load_optimizer_state(optimizer, loaded["optimizer"])
         unshare_step_tensors(optimizer)
         if self.is_logging_rank:
             report_schedule_change(loaded["opt_param_scheduler"], scheduler.state_dict(), self.cfg)

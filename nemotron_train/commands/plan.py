@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any, Dict
 
+from nemotron_train.checkpoint.size import LUSTRE_TYPICAL_GBPS, checkpoint_cost
 from nemotron_train.config.loader import load_config
 from nemotron_train.models.cost import GIB, compute_plan
 from nemotron_train.platform.devices import DEFAULT_DEVICE, device_names, get_device
@@ -83,6 +84,7 @@ def format_plan(plan: Dict[str, Any]) -> str:
         f"({plan['hardware_flops_per_token'] / plan['flops_per_token']:.3f} x model FLOPs)",
         f"per step: {plan['tokens_per_step']:,} tokens in {plan['num_microbatches']} micro-batches per DP rank, "
         f"{plan['flops_per_step']:.3e} FLOPs",
+        *_checkpoint_lines(plan),
     ]
     return "\n".join(lines)
 
@@ -97,6 +99,17 @@ def resolve_for_device(cfg, world_size: int, device: str):
         return resolve_run(cfg, world_size, Platform("cpu", "gloo"), capability=None, missing_kernels=[])
     return resolve_run(cfg, world_size, Platform("cuda", "nccl"), capability=get_device(device).capability,
                        missing_kernels=[], te_version=TARGET_TE_VERSION)
+
+
+def _checkpoint_lines(plan: Dict[str, Any]) -> list:
+    ck = plan.get("checkpoint")
+    if ck is None:
+        return []
+    return [
+        f"checkpoint: {_fmt_bytes(ck['total_bytes'])} ({ck['bytes_per_param']} bytes/param: weights + optimizer), "
+        f"{_fmt_bytes(ck['per_rank_bytes'])} written per rank; save ~{ck['save_seconds']:.3g} s at "
+        f"{ck['fs_gbps']:g} GB/s (--fs-gbps)"
+    ]
 
 
 def _activation_line(plan: Dict[str, Any]) -> str:
@@ -129,6 +142,16 @@ def format_engine(fields: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive_gbps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the bandwidth in GB/s, a positive number (e.g. 20)")
+    return value
+
+
 def _warn_beyond_every_device(memory_bytes: float) -> None:
     """Whatever --device says, a plan larger than every GPU of the table cannot run anywhere."""
     largest = largest_device()
@@ -156,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     plan = compute_plan(cfg, world_size, device=None if args.device == CPU_DEVICE else get_device(args.device),
                         spec=run.spec)
+    plan["checkpoint"] = checkpoint_cost(plan, cfg, args.fs_gbps)
     _warn_beyond_every_device(plan["memory_per_gpu_bytes"])
     if args.json:
         print(json.dumps(plan, indent=2))
@@ -183,4 +207,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--engine", action="store_true",
                         help="print the megatron-core TransformerConfig / DDP / optimizer fields and the TE FP8 "
                         "recipe the run would use on --device, without building a model")
+    parser.add_argument("--fs-gbps", type=_positive_gbps, default=LUSTRE_TYPICAL_GBPS,
+                        help="filesystem write bandwidth for the checkpoint save time, GB/s aggregate "
+                        f"(default {LUSTRE_TYPICAL_GBPS:g}, a typical shared Lustre figure)")
     parser.set_defaults(func=_run)

@@ -246,6 +246,12 @@ class CheckpointConfig:
 
 
 @dataclass
+    # Frequent, throwaway checkpoints (e.g. for preemptible jobs): every N steps (0 = off) into
+    # non_persistent_dir (default <run.output_dir>/checkpoints_non_persistent). Only the newest
+    # is kept and they never count in keep_last; resume takes the newest complete checkpoint
+    # among both directories.
+    non_persistent_interval: int = 0
+    non_persistent_dir: Optional[str] = None
 class WandbConfig:
     enabled: bool = False
     project: str = "nemotron-train"

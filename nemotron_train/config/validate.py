@@ -18,6 +18,7 @@ from nemotron_train.config.schema import (
     SchedulerType, Spec, WandbMode, WSDDecayStyle, choices,
 )
 from nemotron_train.errors import ConfigError
+from nemotron_train import rundir
 from nemotron_train.config.pattern import layer_types, split_stages
 from nemotron_train.config.resilience import check_resilience
 
@@ -263,6 +264,12 @@ def _check_train(cfg: Config) -> None:
 
 
 def _check_split(split: str) -> None:
+    _at_least("checkpoint.non_persistent_interval", c.non_persistent_interval, 0, " (0 = off)")
+    if c.non_persistent_interval and rundir.non_persistent_checkpoint_dir(cfg.run.output_dir, c.non_persistent_dir) == rundir.checkpoint_dir(cfg.run.output_dir, c.dir):
+        raise ConfigError(
+            "checkpoint.non_persistent_dir is the persistent checkpoint directory; pick another one "
+            "(only the newest non-persistent checkpoint is kept there)"
+        )
     try:
         parts = [float(x) for x in split.split(",")]
     except ValueError:

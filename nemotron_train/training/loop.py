@@ -195,6 +195,8 @@ class Trainer:
         self.checkpointer.finalize()
         if self.run_lock is not None:
             self.run_lock.release()
+            elif self.cfg.checkpoint.non_persistent_interval and step % self.cfg.checkpoint.non_persistent_interval == 0 and step < t.steps:
+                self._save(non_persistent=True)
         self.manual_gc.close()
         summary = {
             "steps": self.state.step,
@@ -208,9 +210,9 @@ class Trainer:
         self.metrics.close(summary)
         return summary
 
-    def _save(self) -> None:
+    def _save(self, non_persistent: bool = False) -> None:
         with params_synced(self.model):  # overlapped param gather: weights of the last step first
-            self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+            self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, non_persistent=non_persistent)
 
     def _validate(self, step: int) -> Optional[float]:
         with params_synced(self.model):
