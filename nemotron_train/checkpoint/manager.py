@@ -363,6 +363,8 @@ class Checkpointer:
         if "rng_state" in loaded:
             restore_rng(loaded["rng_state"])
         ts = loaded["train_state"]
+        if path.parent == self.root:  # resumed from this run's own checkpoint of this step: no need to save it again
+            self._saved_step = int(ts["step"])
         if self.is_logging_rank:
             rng = "RNG state restored" if "rng_state" in loaded else "RNG state from the seed (the rank layout changed)"
             print(f"resumed from {path} at step {ts['step']} ({ts['consumed_samples']} samples consumed; {rng})", file=sys.stderr)
