@@ -111,7 +111,7 @@ CASES = [
     C("unknown-command", ["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     C("plan-device", ["plan", "{smoke}", "--device", "tpu"], "argument --device: invalid choice"),
     C("plan-world-size", ["plan", "{smoke}", "--world-size", "3"], "world size 3 is not divisible"),
-    C("plan-fs-gbps", ["plan", "{smoke}", "--fs-gbps", "-1"], "argument --fs-gbps"),
+    C("plan-world-size-text", ["plan", "{smoke}", "--world-size", "two"], "argument --world-size: invalid int value"),
     C("train-no-config", ["train"], "the following arguments are required: config"),
     C("preprocess-workers", ["preprocess", "--input", "{d}/docs.jsonl", "--output-prefix", "{d}/p", "--workers", "0"], "--workers 0"),
     C("preprocess-input-missing", ["preprocess", "--input", "{d}/none.jsonl", "--output-prefix", "{d}/p"], "none.jsonl"),
