@@ -92,8 +92,10 @@ def _resume_old_save_new(rank, world_size, run_dir, new_root):
     owned = holds_old_state()
     assert trainer.scheduler.num_steps == 12
 
-    # Saved again in the new format: the same tensors on disk, bitwise.
+    # Saved again in the new format (as step 4: a resumed run does not save its own step
+    # again; nothing is trained in between): the same tensors on disk, bitwise.
     trainer.checkpointer.root = Path(new_root)
+    trainer.state.step = 4
     path = trainer.checkpointer.save(trainer.model, trainer.optimizer, trainer.scheduler, trainer.state)
     new = dist_checkpointing.load_plain_tensors(str(path))
     tensors = sorted(k for k, v in old.items() if isinstance(v, torch.Tensor))
