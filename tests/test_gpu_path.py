@@ -251,6 +251,8 @@ def fake_te(monkeypatch):
     """transformer_engine stand-in recording autocast / model-init regions (current TE API
     names plus the deprecated `fp8_autocast`, which must not be used)."""
 
+    import nemotron_train.fp8.runtime  # noqa: F401 - megatron-core imports before the stand-in exists
+
     class Format(enum.Enum):
         E4M3 = "e4m3"
         HYBRID = "hybrid"
@@ -364,3 +366,49 @@ def test_cuda_graphs_are_captured_once_after_the_warmup():
                      ("hooks",)]
     off = CudaGraphCapture(_gpu_run(CONFIGS / "nemotron_h_8b_pretrain.yaml"), "m", "c", "o", helper_factory=Helper)
     assert not off.enabled and not any(off.after_step(s) for s in range(10))
+
+
+def test_the_stack_runs_its_layers_inside_one_outer_region():
+    """HybridStack enters `outer()` once per forward, every layer's context inside it, and
+    builds each layer inside `init(index)`."""
+    import torch
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dist_utils import single_process_group
+
+    from nemotron_train.fp8.runtime import LayerFP8Contexts
+    from nemotron_train.models import build as build_mod
+    from nemotron_train.platform import Platform, setup_platform
+    from nemotron_train.resolve import resolve_run
+
+    log = []
+
+    def region(name):
+        @contextlib.contextmanager
+        def ctx():
+            log.append(("enter", name))
+            yield
+            log.append(("exit", name))
+        return ctx()
+
+    recording = LayerFP8Contexts(lambda i: region(f"layer{i}"), outer=lambda: region("outer"),
+                                 init=lambda i: region(f"init{i}"))
+    setup_platform(force_cpu=True)
+    run = resolve_run(cfg("model.spec=local", "parallel.tp=1", "parallel.sp=false", "data.source=mock",
+                          "launch.nproc_per_node=1", path=SMOKE), 1, Platform("cpu", "gloo"))
+    original = build_mod.layer_fp8_context
+    build_mod.layer_fp8_context = lambda *a, **k: recording
+    try:
+        with single_process_group():
+            model = build_mod.build_model(run, ProcessGroupCollection.use_mpu_process_groups())
+            n = run.cfg.model.num_layers
+            assert [e for e in log if e[0] == "enter"] == [("enter", f"init{i}") for i in range(n)]
+            log.clear()
+            tokens = torch.zeros(1, 16, dtype=torch.long)
+            model(tokens, torch.arange(16)[None], None)
+    finally:
+        build_mod.layer_fp8_context = original
+    names = [f"{kind}:{name}" for kind, name in log]
+    assert names[0] == "enter:outer" and names[-1] == "exit:outer"
+    assert names[1:-1] == [f"{k}:layer{i}" for i in range(n) for k in ("enter", "exit")]
