@@ -3,7 +3,7 @@
     nemotron-train sbatch CONFIG --nodes N --gpus-per-node G --time HH:MM:SS
         [--partition P] [--account A] [--container-image I] [--container-mounts M]
         [--chain K] [--job-name J] [--mode per-node|per-gpu] [--signal USR1@120]
-        [--submit] [--output PATH] [key=value overrides ...]
+        [--submit [--wait]] [--output PATH] [key=value overrides ...]
         [--arms bf16,fp8 --seeds S1,S2 [--name NAME] [--output-root DIR]]
 
 The resolved config (file + overrides) is copied into `<run.output_dir>/sbatch/` and the job
@@ -11,7 +11,8 @@ trains from that copy, so editing the original later does not change a queued jo
 script goes to `<run.output_dir>/sbatch/<job>.sbatch` (or --output); its path is printed.
 `--chain K` submits it K times under one job name with `--dependency=singleton`: each job
 runs after the previous one ends and resumes from its checkpoint; once the run is complete
-the remaining jobs exit at once. `--arms bf16,fp8 --seeds 1,2` renders an FP8-vs-BF16
+the remaining jobs exit at once. `--submit --wait` blocks until the job (chain) ends,
+printing each job's log, and exits with the last job's exit code. `--arms bf16,fp8 --seeds 1,2` renders an FP8-vs-BF16
 ablation instead: the plan of `nemotron-train ablate` (nemotron_train.ablation.plan: arms,
 seeds, run names and directories), one job per planned run (see `submit_plan`, which
 `nemotron-train ablate --slurm` calls too, with the same options: `add_sbatch_options`).
@@ -24,12 +25,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from launch.sbatch_script import MODES, RunPaths, SbatchOptions, forwarded_signal, parse_signal, render_script
+from launch.sbatch_script import (
+    MODES, RunPaths, SbatchOptions, check_text, forwarded_signal, parse_signal, render_script, sbatch_word,
+)
 from nemotron_train.ablation.plan import ARMS, AblationPlan, build_plan, parse_arms
 from nemotron_train.ablation.runner import write_plan
 from nemotron_train.cli import IntermixedParser
@@ -109,6 +113,9 @@ def render_job(
     # made absolute so the script's COMPLETED check and the trainer agree whatever the cwd.
     cfg.run.output_dir = str(run_dir)
     job_name = opts.job_name or cfg.run.name
+    # Checked before anything is written: the name goes into #SBATCH lines and file names.
+    sbatch_word("--job-name" if opts.job_name else "run.name (or pass --job-name)", job_name)
+    check_text("the config path", config)
     safe = _safe_name(job_name)
     for what, path in (("run.output_dir", run_dir), ("working directory", workdir)):
         _no_whitespace(what, path)
@@ -118,8 +125,8 @@ def render_job(
     snapshot = _snapshot_path(snapshot_dir, safe)
     save_config(cfg, snapshot)
     logs_dir(run_dir).mkdir(parents=True, exist_ok=True)  # sbatch does not create --output dirs
-    paths = RunPaths(config=str(snapshot), run_dir=str(run_dir), workdir=str(workdir), train_steps=cfg.train.steps, source=str(config),
-                     max_restarts=cfg.launch.max_restarts)
+    paths = RunPaths(config=str(snapshot), run_dir=str(run_dir), workdir=str(workdir), train_steps=cfg.train.steps,
+                     source=str(config), socket_ifname=cfg.launch.socket_ifname, max_restarts=cfg.launch.max_restarts)
     text = render_script(opts, paths, job_name)
     script = Path(output) if output is not None else snapshot_dir / f"{safe}.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +152,42 @@ def submit(
             raise LaunchError(f"sbatch {script} failed (exit {result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
         ids.append(result.stdout.strip().split(";")[0])
     return ids
+
+
+TERMINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+)
+
+
+def job_log(job: RenderedJob, job_id: str) -> Path:
+    """Where a job's output goes (the script's `#SBATCH --output`: <run dir>/logs/%x-%j.out)."""
+    return logs_dir(job.run_dir) / f"{job.job_name}-{job_id}.out"
+
+
+def job_state(job_id: str, env: Optional[Mapping[str, str]] = None, scontrol: str = "scontrol") -> Tuple[str, int]:
+    """(state, exit code of the batch script) of a job, from `scontrol show job`."""
+    result = subprocess.run([scontrol, "show", "job", "-o", job_id], env=dict(env) if env else None,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LaunchError(f"scontrol show job {job_id} failed: {result.stderr.strip() or result.stdout.strip()} "
+                          "(the controller forgets a job MinJobAge seconds after it ends)")
+    fields = dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+    code = fields.get("ExitCode", "0:0").partition(":")[0]
+    return fields.get("JobState", "UNKNOWN"), int(code or 0)
+
+
+def wait_for_jobs(job: RenderedJob, env: Optional[Mapping[str, str]] = None, poll_s: float = 2.0) -> int:
+    """Block until every job of `job` (a chain: in order) has ended, printing each one's end
+    and log; returns the exit code of the last one, which is the chain's outcome (0 done,
+    75 stopped early and resumable, anything else a failure)."""
+    code = 0
+    for job_id in job.job_ids:
+        state, code = job_state(job_id, env)
+        while state not in TERMINAL_STATES:
+            time.sleep(poll_s)
+            state, code = job_state(job_id, env)
+        print(f"job {job_id} {state}, exit code {code}: log {job_log(job, job_id)}", flush=True)
+    return code
 
 
 def submit_plan(
@@ -235,6 +278,8 @@ def register(subparsers) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--output", help="script path (default: <run.output_dir>/sbatch/<job>.sbatch)")
     o.add_argument("--submit", action="store_true", help="submit with sbatch and print the job ids")
+    o.add_argument("--wait", action="store_true",
+                   help="with --submit: block until the job (or chain) ends and exit with its exit code (0 done, 75 stopped early)")
     a = p.add_argument_group("ablation (the plan of `nemotron-train ablate`, one job per run)")
     a.add_argument("--arms", help=f"comma-separated arms, one job per arm and seed: {', '.join(ARMS)}")
     a.add_argument("--seeds", type=_csv(int), help="comma-separated train.seed values for --arms")
@@ -265,15 +310,18 @@ def sbatch_options(args: argparse.Namespace) -> SbatchOptions:
 
 
 def report_job(job: RenderedJob) -> None:
-    """Print the script path, then one line per submitted job id."""
+    """Print the script path, then one line per submitted job id and its log."""
     print(job.script)
     for job_id in job.job_ids:
         print(f"submitted {job.job_name}: job {job_id}")
+        print(f"  log: {job_log(job, job_id)}")
 
 
 def main(args: argparse.Namespace) -> int:
     # Bad options raise LaunchError / ConfigError: the command line reports them (exit 2).
     opts = sbatch_options(args)
+    if args.wait and not args.submit:
+        raise LaunchError("--wait waits for submitted jobs: add --submit")
     if bool(args.arms) != bool(args.seeds):
         raise LaunchError("an ablation needs both --arms and --seeds")
     if args.arms:
@@ -291,4 +339,8 @@ def main(args: argparse.Namespace) -> int:
         jobs = [job]
     for job in jobs:
         report_job(job)
+    if args.wait:
+        sys.stdout.flush()
+        codes = [wait_for_jobs(job) for job in jobs]
+        return next((code for code in codes if code != 0), 0)
     return 0

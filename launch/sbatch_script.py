@@ -31,6 +31,30 @@ SRUN_WAIT_SECONDS = 120
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# --sbatch-option: a long option with its value in one word; anything else could smuggle a
+# second option, a comment or a shell line into the script.
+_SBATCH_OPTION_RE = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*=[^\s\"'\\]+$")
+# Values sbatch reads from `#SBATCH` lines, which are not shell-parsed: one word, no quotes.
+_SBATCH_WORD_RE = re.compile(r"^[^\s\"'\\]+$")
+
+
+def check_text(option: str, value: object) -> str:
+    """`value` as text; LaunchError naming `option` when it holds a control character (a
+    newline would end an `#SBATCH` or comment line and start a shell command)."""
+    text = str(value)
+    if _CONTROL_RE.search(text):
+        raise LaunchError(f"{option} {text!r} contains a control character (newline, tab, ...); remove it")
+    return text
+
+
+def sbatch_word(option: str, value: object) -> str:
+    """A value for an `#SBATCH` line: no control characters, and one word without quotes,
+    because sbatch reads those lines itself and splits them at whitespace."""
+    text = check_text(option, value)
+    if not _SBATCH_WORD_RE.match(text):
+        raise LaunchError(f"{option} {text!r}: an #SBATCH value must be one word without spaces, quotes or backslashes")
+    return text
 
 
 def parse_time(text: str) -> int:
@@ -128,6 +152,18 @@ class SbatchOptions:
             key, sep, _ = item.partition("=")
             if not sep or not _ENV_KEY_RE.match(key):
                 raise LaunchError(f"--env {item!r}: use KEY=VALUE")
+            check_text("--env", item)
+        for item in self.extra_sbatch:
+            check_text("--sbatch-option", item)
+            if not _SBATCH_OPTION_RE.match(item):
+                raise LaunchError(f"--sbatch-option {item!r}: use one --key=value option per --sbatch-option, e.g. --sbatch-option=--qos=high")
+        for option, value in (("--job-name", self.job_name), ("--partition", self.partition), ("--account", self.account)):
+            if value is not None:
+                sbatch_word(option, value)
+        for option, value in (("--python", self.python), ("--workdir", self.workdir), ("--container-image", self.container_image),
+                              ("--container-mounts", self.container_mounts)):
+            if value is not None:
+                check_text(option, value)
         if bool(self.container_mounts) and not self.container_image:
             raise LaunchError("--container-mounts needs --container-image")
 
@@ -141,6 +177,7 @@ class RunPaths:
     workdir: str  # the job's working directory (relative config paths resolve from here)
     train_steps: int
     source: str = ""  # the config the user rendered from, for the header comment
+    socket_ifname: Optional[str] = None  # launch.socket_ifname: the interface ranks talk over
     max_restarts: int = 0  # launch.max_restarts: torchrun restarts of the node's ranks
 
 
@@ -152,10 +189,10 @@ def _header(opts: SbatchOptions, run: RunPaths, job_name: str) -> List[str]:
     sig, lead = parse_signal(opts.signal)
     lines = [
         "#!/bin/bash",
-        f"# Rendered by `nemotron-train sbatch` from {run.source or run.config}.",
-        f"# The ranks read the config snapshot {run.config};",
+        f"# Rendered by `nemotron-train sbatch` from {check_text('the config path', run.source or run.config)}.",
+        f"# The ranks read the config snapshot {check_text('the config snapshot path', run.config)};",
         "# edit that copy (not the original) to change what this job trains.",
-        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --job-name={sbatch_word('the job name (--job-name, default run.name)', job_name)}",
         f"#SBATCH --nodes={opts.nodes}",
         f"#SBATCH --ntasks-per-node={opts.tasks_per_node}",
     ]
@@ -165,19 +202,19 @@ def _header(opts: SbatchOptions, run: RunPaths, job_name: str) -> List[str]:
         lines.append(f"#SBATCH --cpus-per-task={opts.cpus_per_task}")
     lines.append(f"#SBATCH --time={opts.time}")
     if opts.partition:
-        lines.append(f"#SBATCH --partition={opts.partition}")
+        lines.append(f"#SBATCH --partition={sbatch_word('--partition', opts.partition)}")
     if opts.account:
-        lines.append(f"#SBATCH --account={opts.account}")
+        lines.append(f"#SBATCH --account={sbatch_word('--account', opts.account)}")
     if opts.exclusive:
         lines.append("#SBATCH --exclusive")
     lines += [
         f"#SBATCH --signal=B:{sig}@{lead}",
-        f"#SBATCH --output={run.run_dir}/{LOGS_DIR}/%x-%j.out",
-        f"#SBATCH --chdir={run.workdir}",
+        f"#SBATCH --output={sbatch_word('run.output_dir', run.run_dir)}/{LOGS_DIR}/%x-%j.out",
+        f"#SBATCH --chdir={sbatch_word('the working directory', run.workdir)}",
     ]
     if opts.chain > 1:
         lines.append("#SBATCH --dependency=singleton")
-    lines += [f"#SBATCH {extra}" for extra in opts.extra_sbatch]
+    lines += [f"#SBATCH {sbatch_word('--sbatch-option', extra)}" for extra in opts.extra_sbatch]
     return lines
 
 
@@ -190,7 +227,8 @@ def _settings(opts: SbatchOptions, run: RunPaths) -> List[str]:
         f"CONFIG={_q(run.config)}",
         f"TRAIN_STEPS={run.train_steps}",
         f"EXIT_CODE_RESUMABLE={EXIT_CODE_RESUMABLE}",
-        f'PYTHON="${{PYTHON:-{opts.python}}}"',
+        "# The ranks' interpreter: $PYTHON from the submitting environment, else --python.",
+        f'PYTHON="${{PYTHON:-}}"; [[ -n "$PYTHON" ]] || PYTHON={_q(check_text("--python", opts.python))}',
         "export CONFIG PYTHON",
         "",
         'echo "[$(date -Is)] job $SLURM_JOB_ID ($SLURM_JOB_NAME): $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST"',
@@ -210,7 +248,13 @@ def _settings(opts: SbatchOptions, run: RunPaths) -> List[str]:
     ]
 
 
-def _environment(opts: SbatchOptions) -> List[str]:
+def _ifname_address(ifname: str) -> str:
+    """Shell that prints this node's IPv4 address on `ifname` (empty if none). No single
+    quotes: it also goes inside the single-quoted per-node command."""
+    return f"ip -4 -o addr show dev {_q(ifname)} 2>/dev/null | sed -n 1p | tr -s \" \" | cut -d\" \" -f4 | cut -d/ -f1"
+
+
+def _environment(opts: SbatchOptions, run: RunPaths) -> List[str]:
     lines = [
         "",
         "# ---- environment",
@@ -229,6 +273,11 @@ def _environment(opts: SbatchOptions) -> List[str]:
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"',
         "export PYTHONUNBUFFERED=1",
     ]
+    if run.socket_ifname:
+        lines += [
+            "# launch.socket_ifname: gloo and NCCL open their sockets on this interface only.",
+            f"export GLOO_SOCKET_IFNAME={_q(run.socket_ifname)} NCCL_SOCKET_IFNAME={_q(run.socket_ifname)}",
+        ]
     for item in opts.env:
         key, _, value = item.partition("=")
         lines.append(f"export {key}={_q(value)}")
@@ -242,16 +291,30 @@ def _slurm_mapping():
     return slurm
 
 
-def _rendezvous() -> List[str]:
+def _rendezvous(run: RunPaths) -> List[str]:
     slurm = _slurm_mapping()
-    return [
+    lines = [
         "",
         "# ---- rendezvous: the first node of the allocation, a port derived from the job id",
-        "if command -v scontrol >/dev/null 2>&1; then",
-        '  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
-        "else",
-        "  MASTER_ADDR=$(hostname -s)  # the batch script runs on the first node of the allocation",
-        "fi",
+    ]
+    if run.socket_ifname:
+        lines += [
+            "# The batch script runs on the first node: its address on launch.socket_ifname.",
+            f"MASTER_ADDR=$({_ifname_address(run.socket_ifname)})",
+            'if [[ -z "$MASTER_ADDR" ]]; then',
+            f'  echo "launch.socket_ifname={run.socket_ifname}: no IPv4 address on $(hostname -s)" >&2',
+            "  exit 1",
+            "fi",
+        ]
+    else:
+        lines += [
+            "if command -v scontrol >/dev/null 2>&1; then",
+            '  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+            "else",
+            "  MASTER_ADDR=$(hostname -s)  # the batch script runs on the first node of the allocation",
+            "fi",
+        ]
+    return lines + [
         f"MASTER_PORT=$(( {slurm.RDZV_PORT_BASE} + SLURM_JOB_ID % {slurm.RDZV_PORT_SPAN} ))",
         "export MASTER_ADDR MASTER_PORT",
         'echo "rendezvous at $MASTER_ADDR:$MASTER_PORT"',
@@ -320,7 +383,7 @@ def _launch(opts: SbatchOptions, run: RunPaths) -> List[str]:
             "# One task per GPU; launch.slurm_env maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID to",
             "# RANK/WORLD_SIZE/LOCAL_RANK and execs the rank.",
             " ".join(srun) + " \\",
-            '  "$PYTHON" -m launch.slurm_env -- \\',
+            '  "$PYTHON" -m launch.slurm_env --master-addr "$MASTER_ADDR" -- \\',
             '  "$PYTHON" ' + " ".join(_train_args(opts)) + " &",
         ]
     else:
@@ -340,6 +403,16 @@ def _launch(opts: SbatchOptions, run: RunPaths) -> List[str]:
             "  # torchrun reads --signals-to-handle from PET_SIGNALS_TO_HANDLE; older releases read",
             "  # TORCHELASTIC_SIGNALS_TO_HANDLE. SIGTERM left out: it stays ignored, as trapped above.",
             "  export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT",
+        ]
+        if run.socket_ifname:
+            lines += [
+                "  # Each node announces its own address on launch.socket_ifname, not its hostname.",
+                f"  LOCAL_ADDR=$({_ifname_address(run.socket_ifname)})",
+            ]
+            rdzv.append('${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"}')
+        if run.max_restarts:  # in-job restart: the new ranks resume from the latest checkpoint
+            rdzv.append(f"--max-restarts={int(run.max_restarts)}")
+        lines += [
             '  exec "$PYTHON" -m torch.distributed.run \\',
             "    " + " ".join(rdzv) + " \\",
             "    " + " ".join(_train_args(opts)) + "' &",
@@ -384,8 +457,8 @@ def render_script(opts: SbatchOptions, run: RunPaths, job_name: str) -> str:
         _header(opts, run, job_name),
         _settings(opts, run),
         _stop_trap(opts),
-        _environment(opts),
-        _rendezvous(),
+        _environment(opts, run),
+        _rendezvous(run),
         _launch(opts, run),
         _wait_and_exit(),
     )

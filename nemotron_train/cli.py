@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "nemotron_train.commands.score",  # score
     "nemotron_train.commands.ablate",  # ablate, compare
     "launch.sbatch",  # sbatch
+    "launch.local_cluster",  # local-cluster
 ]
 
 

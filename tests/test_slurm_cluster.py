@@ -10,6 +10,7 @@ test_slurm_e2e.py runs the same jobs with the real trainer.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,12 +61,17 @@ class StubRun:
 
 
 def test_cluster_runs_a_trivial_job(slurm_cluster, tmp_path):
-    info = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %t %c").stdout.split()
-    assert info[0] == slurm_cluster.node and info[1] == "idle"
-    job_id = slurm_cluster.sbatch("--wrap", "echo hi from $SLURM_JOB_ID on $(hostname -s)", "-o", str(tmp_path / "out.txt"), cwd=tmp_path)
+    info = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split()
+    assert info == ["node1", "idle", "node2", "idle"]
+    # One task on each node: each is its own host with its own address on the bridge.
+    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "-o", str(tmp_path / "out.txt"), "--wrap",
+                                  "srun bash -c 'echo $SLURM_JOB_ID $(hostname) $(getent hosts $(hostname) | cut -d\" \" -f1)'",
+                                  cwd=tmp_path)
     done = slurm_cluster.wait(job_id, timeout=60)
     assert (done.state, done.exit_code) == ("COMPLETED", 0), slurm_cluster.explain(done)
-    assert (tmp_path / "out.txt").read_text().startswith(f"hi from {job_id} on ")
+    lines = sorted((tmp_path / "out.txt").read_text().split("\n"))[1:]
+    assert lines == [f"{job_id} {node} {slurm_cluster.address(node)}" for node in ("node1", "node2")]
+    assert slurm_cluster.address("node1") != slurm_cluster.address("node2")
     failed = slurm_cluster.wait(slurm_cluster.sbatch("--wrap", "exit 75", cwd=tmp_path), timeout=60)
     assert (failed.state, failed.exit_code) == ("FAILED", 75)
 
@@ -163,3 +169,26 @@ def test_time_limit_warning_stops_the_job_in_time(slurm_cluster, tmp_path):
     assert {s["reason"] for s in read_jsonl(run.run_dir / "stops.jsonl")} == {"signal SIGUSR1"}
     assert "batch shell got SIGUSR1" in slurm_cluster.job_log(info)
     assert run.latest() == read_jsonl(run.run_dir / "stops.jsonl")[0]["step"]
+
+
+def test_injection_in_names_runs_nothing(slurm_cluster, tmp_path):
+    # `$(...)` and backquotes in run.name (an #SBATCH value), --python and --env (shell
+    # values): the job runs, and none of them does anything (a newline is refused outright:
+    # tests/test_multinode_launch.py).
+    name = "$(>pwned-name)`>pwned-tick`"  # one word: each would create a file if a shell ran it
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"base: {SMOKE}\nrun:\n  name: '{name}'\n")
+    cmd = [sys.executable, "-m", "nemotron_train", "sbatch", str(config), "--nodes", "1", "--cpu", "--nproc-per-node", "2",
+           "--time", "00:05:00", "--mode", "per-gpu", "--python", "$(touch pwned-python)", "--env", "NT_X=`touch pwned-env`",
+           "--workdir", str(tmp_path), "--submit", "--wait", f"run.output_dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in slurm_cluster.env.items() if k != "PYTHON"}
+    result = slurm_cluster.run(*cmd, cwd=tmp_path, check=False, timeout=120, env=env)
+    job_id = re.search(r"^submitted \S+: job (\d+)$", result.stdout, re.M).group(1)
+    info = slurm_cluster.job(job_id)
+    assert info.done and info.fields["JobName"] == name, result.stdout + result.stderr
+    # The literal interpreter name does not exist: the job fails, and --wait exits with its code.
+    assert info.exit_code != 0 and result.returncode == info.exit_code, slurm_cluster.explain(info)
+    assert f"exit code {info.exit_code}: log " in result.stdout
+    assert f"({name})" in slurm_cluster.job_log(info)
+    made = {"pwned-name", "pwned-tick", "pwned-python", "pwned-env"}
+    assert not [p for p in [*tmp_path.rglob("pwned*"), *Path.cwd().glob("pwned*")] if p.name in made]

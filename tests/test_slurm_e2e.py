@@ -1,31 +1,57 @@
-"""The smoke model trained by rendered sbatch scripts on a real one-node SLURM cluster.
+"""The smoke model across two hosts: rendered sbatch jobs on the session's two-node SLURM
+cluster (`nemotron-train local-cluster`: each node a network namespace with its own
+hostname, address and slurmd) and plain torchrun across the two nodes.
+
+Every run here has one rank per node (tensor parallelism 2 across the hosts, ranks talking
+over the `cluster0` interface via launch.socket_ifname) and is compared step by step with
+the same run as two ranks on one host. Cuts that a test relies on come from
+`train.exit_interval` (a step count), never from the clock, so the assertions hold at any
+machine speed; the one time-limit run asserts only what any speed gives.
 
 Contract with the trainer (`python -m nemotron_train train CONFIG ...`): checkpoints in
 `<run.output_dir>/checkpoints/iter_XXXXXXX/` with `latest_checkpointed_iteration.txt`,
 metrics in `<run.output_dir>/metrics.jsonl`, `COMPLETED` once all train.steps are done, and
-on a stop signal or `train.exit_duration_minutes` a checkpoint and exit code 75 (see
-nemotron_train/training/stop.py). test_slurm_cluster.py covers the same jobs with a stand-in trainer.
+on a stop a checkpoint and exit code 75 (see nemotron_train/training/stop.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import slurm_cluster, wait_until  # noqa: E402,F401
+from slurm_cluster import SlurmCluster, slurm_cluster, wait_until  # noqa: E402,F401
 
-from launch.sbatch import RenderedJob, render_job  # noqa: E402
-from launch.sbatch_script import SbatchOptions  # noqa: E402
+from launch.sbatch_script import SRUN_WAIT_SECONDS  # noqa: E402
+from launch.local_cluster import CLUSTER_IFNAME  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-STEPS = 30  # a shortened smoke run (train.steps override below)
+STEPS = 12
+SHARED_DATA_CACHE = tempfile.mkdtemp(prefix="nemotron-train-test-data-")
+atexit.register(shutil.rmtree, SHARED_DATA_CACHE, ignore_errors=True)
+# The smoke model (tensor parallel over 2 ranks), shortened; every run below uses exactly
+# these settings so that its losses can be compared with the one-host reference.
+RUN = [
+    f"data.cache_dir={SHARED_DATA_CACHE}", f"train.steps={STEPS}", "train.log_interval=1", "train.eval_interval=0",
+    "train.eval_iters=1", "checkpoint.interval=5", "checkpoint.keep_last=3", "logging.progress_bar=false",
+]
+JOB = ["--nodes", "2", "--cpu", "--nproc-per-node", "1", "--time", "00:20:00", "--python", sys.executable,
+       "--workdir", str(ROOT)]
 
 pytestmark = [
     pytest.mark.slurm,
@@ -35,78 +61,159 @@ pytestmark = [
 ]
 
 
-def render(tmp_path: Path, mode: str, overrides: List[str], **opts) -> RenderedJob:
-    options = SbatchOptions(nodes=1, gpus_per_node=0, nproc_per_node=2, time="00:30:00", mode=mode,
-                            python=sys.executable, workdir=str(ROOT), **opts)
-    return render_job(SMOKE, [f"run.output_dir={tmp_path / 'run'}", "train.log_interval=1", f"train.steps={STEPS}",
-                              "train.eval_interval=0", *overrides], options)
+def _env() -> Dict[str, str]:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        env.pop(var, None)
+    return env
 
 
-def train_steps(run_dir: Path) -> List[int]:
+def records(run_dir: Path) -> List[dict]:
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [r["step"] for r in records if "loss" in r]
+    return [r for r in (json.loads(x) for x in path.read_text().splitlines()) if "loss" in r] if path.exists() else []
+
+
+def losses_by_step(run_dir: Path) -> Dict[int, float]:
+    """The last loss logged for each step (a step trained again after a crash overrides)."""
+    return {r["step"]: r["loss"] for r in records(run_dir)}
 
 
 def latest(run_dir: Path) -> int:
-    return int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip())
+    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text().strip()) if tracker.exists() else 0
 
 
-def test_smoke_chain_stops_on_time_and_resumes(slurm_cluster, tmp_path):
-    # Each link stops after 6 s of training (train.exit_duration_minutes=0.1), but only after a
-    # step: the trainer checks the limit once per step. So every link trains at least one step,
-    # STEPS links finish the run on any machine, and one more finds it complete. How many
-    # links that takes depends on the machine's speed; that the chain ends COMPLETED does not.
-    links = STEPS + 1
-    job = render(tmp_path, "per-gpu", ["train.exit_duration_minutes=0.1"], chain=links)
-    ids = [slurm_cluster.sbatch(str(job.script), cwd=ROOT) for _ in range(links)]
-    infos = []
-    try:
-        for job_id in ids:
-            infos.append(slurm_cluster.wait(job_id, timeout=900))
-            if infos[-1].exit_code != 75:  # done (0), or a failure the asserts below report
-                break
-        if infos[-1].exit_code == 0 and len(infos) < links:  # the link after the one that completed
-            infos.append(slurm_cluster.wait(ids[len(infos)], timeout=300))
-    finally:
-        # The rest of the chain would only drain, one "nothing to do" after another.
-        pending = ids[len(infos):]
-        if pending:
-            slurm_cluster.run("scancel", *pending, check=False)
-    codes = [i.exit_code for i in infos]
+def checkpoints(run_dir: Path) -> List[int]:
+    return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("iter_*"))
+
+
+def sbatch(cluster: SlurmCluster, run_dir: Path, *args: str) -> List[str]:
+    """`nemotron-train sbatch ... --submit` against the cluster; returns the job ids."""
+    cmd = [sys.executable, "-m", "nemotron_train", "sbatch", str(SMOKE), *JOB, "--submit", *args,
+           f"run.output_dir={run_dir}", *RUN, f"launch.socket_ifname={CLUSTER_IFNAME}"]
+    result = cluster.run(*cmd, cwd=ROOT, timeout=120, check=False, env=_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    return re.findall(r"^submitted \S+: job (\d+)$", result.stdout, re.M)
+
+
+def assert_on_two_hosts(cluster: SlurmCluster, log: str) -> None:
+    a, b = cluster.address("node1"), cluster.address("node2")
+    assert a != b
+    assert f"ranks by host: node1 ({a}) 0; node2 ({b}) 1" in log or f"ranks by host: node2 ({b}) 0; node1 ({a}) 1" in log, log
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Dict[int, float]:
+    """Per-step losses of the same run as two ranks on one host (no SLURM)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "nemotron_train", "train", str(SMOKE), f"run.output_dir={out}", *RUN,
+           f"launch.master_port={port}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = losses_by_step(out)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    return steps
+
+
+def test_chain_across_two_nodes_trains_every_step_once(slurm_cluster, reference, tmp_path):
+    # torchrun on each node (per-node mode); a 3-job chain cut at steps 5 and 10 by train.exit_interval.
+    run_dir = tmp_path / "run"
+    ids = sbatch(slurm_cluster, run_dir, "--mode", "per-node", "--chain", "3", "train.exit_interval=5")
+    infos = [slurm_cluster.wait(job_id, timeout=600) for job_id in ids]
     explain = "\n".join(slurm_cluster.explain(i) for i in infos)
-    # Stopped on time at least once, resumed, finished; the next link found the run complete.
-    assert len(codes) >= 3 and set(codes[:-2]) == {75} and codes[-2:] == [0, 0], explain
-    for info in infos[:-2]:
-        assert "stopped_early: time limit" in slurm_cluster.job_log(info), slurm_cluster.explain(info)
-    assert (job.run_dir / "COMPLETED").exists() and latest(job.run_dir) == STEPS
-    # Every job resumed from the previous checkpoint: each step trained exactly once.
-    assert train_steps(job.run_dir) == list(range(1, STEPS + 1)), explain
-    assert "nothing to do" in slurm_cluster.job_log(infos[-1])
+    assert [i.exit_code for i in infos] == [75, 75, 0], explain
+    assert [r["step"] for r in records(run_dir)] == list(range(1, STEPS + 1)), explain  # each step exactly once
+    assert losses_by_step(run_dir) == reference
+    for info in infos:
+        assert_on_two_hosts(slurm_cluster, slurm_cluster.job_log(info))
+    assert "stopped_early: exit interval" in slurm_cluster.job_log(infos[0])
+    assert checkpoints(run_dir)[-1] == STEPS and (run_dir / "COMPLETED").exists()
 
 
-def test_smoke_cancel_checkpoints_and_resubmission_trains_to_completion(slurm_cluster, tmp_path):
-    # torchrun on the node (per-node) here; the chain test above runs one task per rank (per-gpu).
-    job = render(tmp_path, "per-node", [])
-    job_id = slurm_cluster.sbatch(str(job.script), cwd=ROOT)
+def _kill_training_on(cluster: SlurmCluster, node: str, job_id: str) -> List[int]:
+    """SIGKILL every training rank on `node` (not torchrun, which then sees its worker die)."""
+    ranks = {pid: cmd for pid, cmd in cluster.node_processes(node, "nemotron_train train", job_id).items()
+             if "torch.distributed.run" not in cmd}
+    assert ranks, f"no training process on {node}"
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    return list(ranks)
 
-    def progressed() -> bool:
-        info = slurm_cluster.job(job_id)
-        assert not info.done, slurm_cluster.explain(info)
-        return len(train_steps(job.run_dir)) >= 5
 
-    wait_until(progressed, 600, "5 training steps")
-    slurm_cluster.scancel(job_id, "USR1", batch=True)
-    info = slurm_cluster.wait(job_id, timeout=600)
+def test_usr1_stop_then_node_failure_then_resume(slurm_cluster, reference, tmp_path):
+    # One srun task per rank (per-gpu mode), a chain of 3: the first job is stopped by
+    # `scancel --signal=USR1`, the second loses every rank of node2 to SIGKILL, the third
+    # finishes from the last checkpoint; the final losses are those of an uninterrupted run.
+    run_dir = tmp_path / "run"
+    first, second, third = sbatch(slurm_cluster, run_dir, "--mode", "per-gpu", "--chain", "3")
+
+    def running_until(job_id: str, done):
+        def check() -> bool:
+            info = slurm_cluster.job(job_id)
+            assert not info.done, slurm_cluster.explain(info)
+            return done()
+        return check
+
+    wait_until(running_until(first, lambda: len(records(run_dir)) >= 2), 300, "the first job to train 2 steps", interval=0.1)
+    slurm_cluster.scancel(first, "USR1", batch=True)
+    info = slurm_cluster.wait(first, timeout=300)
+    stopped = latest(run_dir)
     assert info.exit_code == 75, slurm_cluster.explain(info)
-    stopped = latest(job.run_dir)
-    assert 5 <= stopped < STEPS and not (job.run_dir / "COMPLETED").exists()
-    assert (job.run_dir / "checkpoints" / f"iter_{stopped:07d}").is_dir()
-    trained_before = len(train_steps(job.run_dir))
+    assert 2 <= stopped < 5 and checkpoints(run_dir) == [stopped], slurm_cluster.explain(info)  # the one stop checkpoint
+    assert "stopped_early: signal SIGUSR1" in slurm_cluster.job_log(info)
+    assert [r["step"] for r in records(run_dir)] == list(range(1, stopped + 1))
 
-    again = slurm_cluster.wait(slurm_cluster.sbatch(str(job.script), cwd=ROOT), timeout=900)
-    assert (again.state, again.exit_code) == ("COMPLETED", 0), slurm_cluster.explain(again)
-    resumed = train_steps(job.run_dir)[trained_before:]
-    assert resumed[0] == stopped + 1 and resumed[-1] == STEPS
-    assert (job.run_dir / "COMPLETED").exists() and latest(job.run_dir) == STEPS
-    assert (job.run_dir / "checkpoints" / f"iter_{STEPS:07d}").is_dir()
+    # The next job of the chain resumes there; once it has saved step 5 and trains on, node2
+    # loses its ranks (mid-step: the survivors' collective fails at once).
+    wait_until(running_until(second, lambda: latest(run_dir) >= 5 and records(run_dir)[-1]["step"] >= 6), 300,
+               "the second job to save step 5 and train on", interval=0.1)
+    assert records(run_dir)[stopped]["step"] == stopped + 1
+    killed_at = time.monotonic()
+    _kill_training_on(slurm_cluster, "node2", second)
+    info = slurm_cluster.wait(second, timeout=SRUN_WAIT_SECONDS + 120)
+    assert info.state == "FAILED" and info.exit_code not in (0, 75), slurm_cluster.explain(info)
+    assert time.monotonic() - killed_at < SRUN_WAIT_SECONDS + 30, "the job outlived srun's --wait"
+    for node in slurm_cluster.nodes:  # nothing of the failed job left hanging anywhere
+        assert not slurm_cluster.node_processes(node, "nemotron_train", job_id=second), node
+    checkpoint = latest(run_dir)
+    assert checkpoint >= 5 and not (run_dir / "COMPLETED").exists()
+
+    info = slurm_cluster.wait(third, timeout=600)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), slurm_cluster.explain(info)
+    log = slurm_cluster.job_log(info)
+    assert_on_two_hosts(slurm_cluster, log)
+    assert re.search(rf"resumed from \S+iter_{checkpoint:07d} at step {checkpoint} ", log), log
+    assert [r["step"] for r in records(run_dir)] == list(range(1, STEPS + 1))  # steps trained again replace the lost ones
+    assert losses_by_step(run_dir) == reference
+    assert (run_dir / "COMPLETED").exists() and latest(run_dir) == STEPS
+
+
+def test_plain_torchrun_across_two_nodes(slurm_cluster, reference, tmp_path):
+    # No SLURM: `nemotron-train train` on each node with launch.nnodes/node_rank, a c10d
+    # rendezvous at node1's address. Also the time-limit run: a limit this short stops it
+    # after its first step on any machine (the limit is checked once per step).
+    run_dir = tmp_path / "run"
+    port = 29400
+    common = [sys.executable, "-m", "nemotron_train", "train", str(SMOKE), f"run.output_dir={run_dir}", *RUN,
+              "launch.nproc_per_node=1", "launch.nnodes=2", f"launch.master_addr={slurm_cluster.address('node1')}",
+              f"launch.master_port={port}", f"launch.socket_ifname={CLUSTER_IFNAME}", "train.exit_duration_minutes=0.0001"]
+    procs = [slurm_cluster.on_node(node, *common, f"launch.node_rank={rank}", cwd=ROOT, env=_env(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank, node in enumerate(slurm_cluster.nodes)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    log = "\n".join(outs)
+    assert_on_two_hosts(slurm_cluster, log)
+    assert "stopped_early: time limit" in log
+    trained = losses_by_step(run_dir)
+    assert trained and len(trained) < STEPS and latest(run_dir) == max(trained)
+    assert trained == {step: reference[step] for step in trained}
+    assert not (run_dir / "COMPLETED").exists()

@@ -2,14 +2,17 @@
 
 Under torchrun (or SLURM-mapped env) each process is one rank: it resolves the run once
 (validation, spec, FP8 backend and checks) before any process group or weight exists. Run on
-its own, the command resolves the run for `launch.nproc_per_node` ranks, checks the data
-files and the port, and then starts the local ranks through torchrun itself.
+its own, the command resolves the run for `launch.nproc_per_node` x `launch.nnodes` ranks,
+checks the data files and the port, and then starts this node's ranks through torchrun
+itself; with `launch.nnodes` > 1, run it on every node with its `launch.node_rank` and node
+0's `launch.master_addr` (a c10d rendezvous, as SLURM jobs use).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import socket
 import sys
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, List
 
 from nemotron_train.config import ConfigError, load_config
 from nemotron_train.config.schema import Config
+from nemotron_train.distributed.hosts import socket_ifname_env
 
 if TYPE_CHECKING:  # the command line starts without torch: resolve is imported when a command runs
     from nemotron_train.resolve import ResolvedRun
@@ -61,6 +65,36 @@ def _check_port(cfg: Config) -> None:
             ) from None
 
 
+def _multi_node_rendezvous(cfg: Config) -> List[str]:
+    """torchrun's options for this node of a multi-node run without SLURM: a c10d rendezvous
+    at launch.master_addr:master_port (node 0 hosts it); with launch.socket_ifname this node
+    announces its address on that interface instead of whatever its hostname resolves to."""
+    la = cfg.launch
+    if _is_loopback(la.master_addr):
+        raise ConfigError(
+            f"launch.nnodes={la.nnodes} with launch.master_addr={la.master_addr}: the other nodes cannot reach a "
+            "loopback address; set launch.master_addr to node 0's address (e.g. its address on launch.socket_ifname)"
+        )
+    args = [
+        f"--nnodes={la.nnodes}", f"--node-rank={la.node_rank}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={la.master_addr}:{la.master_port}", f"--rdzv-id={cfg.run.name}",
+    ]
+    if la.socket_ifname:
+        from nemotron_train.distributed.hosts import interface_address
+
+        args.append(f"--local-addr={interface_address(la.socket_ifname)}")
+    return args
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def preflight(cfg: Config, world_size: int) -> "ResolvedRun":
     """Everything that can be checked before any rank starts."""
     from nemotron_train.resolve import resolve_run
@@ -79,32 +113,32 @@ def main(args: argparse.Namespace) -> int:
         install_stop_handler()
     overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
+    for key, value in socket_ifname_env(cfg.launch.socket_ifname).items():
+        os.environ.setdefault(key, value)  # read when the process group starts, in every launch mode
     if _under_launcher():
         from nemotron_train.resolve import resolve_run
 
         return _run_rank(resolve_run(cfg, int(os.environ["WORLD_SIZE"])))
-    nproc = cfg.launch.nproc_per_node
-    if cfg.launch.nnodes != 1:
-        raise ConfigError(
-            f"launch.nnodes={cfg.launch.nnodes}: multi-node runs start through torchrun or SLURM "
-            "(see `nemotron-train sbatch`); run this command under torchrun on each node"
-        )
-    direct = nproc == 1 and cfg.launch.max_restarts == 0  # restarts need torchrun, even for one rank
+    nproc, nnodes = cfg.launch.nproc_per_node, cfg.launch.nnodes
+    # One rank is this process, unless restarts are asked for: torchrun does those.
+    direct = nproc == 1 and nnodes == 1 and cfg.launch.max_restarts == 0
     if direct:  # this process is the rank (otherwise it execs torchrun below)
         install_stop_handler(cfg.train.exit_signal)
-    run = preflight(cfg, nproc)
+    run = preflight(cfg, nproc * nnodes)
     if direct:
         return _run_rank(run)
-    _check_port(cfg)
+    if nnodes == 1:
+        _check_port(cfg)
+        rendezvous = [f"--master-addr={cfg.launch.master_addr}", f"--master-port={cfg.launch.master_port}"]
+    else:
+        rendezvous = _multi_node_rendezvous(cfg)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-addr={cfg.launch.master_addr}",
-        f"--master-port={cfg.launch.master_port}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rendezvous,
         f"--max-restarts={cfg.launch.max_restarts}",
         "-m", "nemotron_train", "train", args.config, *overrides,
     ]
-    print(f"starting {nproc} local ranks: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    what = f"node {cfg.launch.node_rank} of {nnodes}: {nproc}" if nnodes > 1 else f"{nproc}"
+    print(f"starting {what} local ranks: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     # exec, so a stop signal reaches torchrun; it forwards the ones listed here to the ranks
     # (whose handlers save a checkpoint and stop) and waits up to the timeout for them.

@@ -231,6 +231,9 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = only at the end
     eval_iters: int = 2
     exit_duration_minutes: Optional[float] = None
+    # Stop (checkpoint, exit 75) after every multiple of this many steps, as Megatron's
+    # --exit-interval: a cut at the same step on any machine. null = no such stop.
+    exit_interval: Optional[int] = None
     exit_signal: str = "SIGTERM"  # also handled: SIGUSR1 from `#SBATCH --signal=B:USR1@120`
 
 
@@ -273,6 +276,13 @@ class LaunchConfig:
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    # Multi-node without SLURM: this node's index (0 = the node at master_addr); torchrun
+    # meets the other nodes at a c10d rendezvous on master_addr:master_port.
+    node_rank: int = 0
+    # The network interface ranks talk over (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), e.g.
+    # ib0 or eth1; null = the libraries' own choice. On SLURM the rendezvous address is the
+    # first node's address on it.
+    socket_ifname: Optional[str] = None
     # torchrun restarts the local ranks up to this many times after a rank fails; the new
     # ranks resume from the latest checkpoint (in-job restart). 0 = a failure ends the job.
     max_restarts: int = 0

@@ -9,6 +9,7 @@ raised before any process group is created or any weight is allocated.
 from __future__ import annotations
 
 import math
+import re
 import signal
 from typing import Iterable
 
@@ -250,6 +251,8 @@ def _check_train(cfg: Config) -> None:
     _at_least("train.eval_iters", t.eval_iters, 0)
     if t.exit_duration_minutes is not None and t.exit_duration_minutes <= 0:
         raise ConfigError(f"train.exit_duration_minutes={t.exit_duration_minutes} must be > 0, or null to disable")
+    if t.exit_interval is not None and t.exit_interval <= 0:
+        raise ConfigError(f"train.exit_interval={t.exit_interval} must be > 0 (stop at each multiple of it), or null to disable")
     if t.exit_signal not in signal.Signals.__members__:
         raise ConfigError(f"train.exit_signal={t.exit_signal!r} is not a signal name; use e.g. SIGTERM or SIGUSR1")
     if t.exit_signal in UNCATCHABLE_SIGNALS:
@@ -314,6 +317,10 @@ def _check_launch(cfg: Config) -> None:
     _at_least("launch.nnodes", la.nnodes, 1)
     if not 1 <= la.master_port <= 65535:
         raise ConfigError(f"launch.master_port={la.master_port} must be in 1..65535")
+    if not 0 <= la.node_rank < la.nnodes:
+        raise ConfigError(f"launch.node_rank={la.node_rank} must be in 0..{la.nnodes - 1} (launch.nnodes={la.nnodes})")
+    if la.socket_ifname is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", la.socket_ifname):
+        raise ConfigError(f"launch.socket_ifname={la.socket_ifname!r} is not a network interface name (e.g. eth0, ib0)")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, choices(WandbMode))
 
 

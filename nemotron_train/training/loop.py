@@ -28,6 +28,7 @@ from nemotron_train.checkpoint import TrainState, install_mcore_fixes
 from nemotron_train.checkpoint.lock import lock_run_dir
 from nemotron_train.config import Config, save_config
 from nemotron_train.distributed.groups import amax_reduction_group, init_process_groups
+from nemotron_train.distributed.hosts import describe_rank_hosts, rank_hosts
 from nemotron_train.fp8 import fp8_end_of_step
 from nemotron_train.models.build import build_model
 from nemotron_train.models.cost import compute_plan
@@ -77,8 +78,13 @@ class Trainer:
         self.pgs = init_process_groups(cfg, self.platform)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_lock = lock_run_dir(cfg.run.output_dir, self.rank)  # one run per output directory
+        hosts = rank_hosts()  # one line that shows where a multi-node job's ranks really run
+        if self.rank == 0:
+            print(describe_rank_hosts(hosts), flush=True)
         self.dp_rank = self.pgs.dp.rank()
         self.device = self.platform.device
+        # Explicitly, before megatron-core's DDP asks for it: the rerun state machine and the checks.
+        self.guard = StepGuard(cfg, self.rank, self.world_size)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         # --- model from spec, DDP, optimizer, schedule
         model = build_model(run, self.pgs)
@@ -185,7 +191,9 @@ class Trainer:
             self.checkpointer.maybe_finalize()
             self.manual_gc.step(step)
             self.cuda_graphs.after_step(step, first_step)
-            stop_reason = should_exit(signals, start_time, t.exit_duration_minutes, group=None)
+            # The last step ends the run: no exit-interval stop there, COMPLETED follows.
+            stop_reason = should_exit(signals, start_time, t.exit_duration_minutes, group=None, step=step,
+                                      exit_interval=t.exit_interval if step < t.steps else None)
             if stop_reason:
                 break
         if stop_reason is None:

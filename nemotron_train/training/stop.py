@@ -2,7 +2,8 @@
 
 A scheduler asks a job to stop by signal (SLURM: `#SBATCH --signal=B:USR1@120` forwarded by
 the batch script, `scancel --signal=TERM`, preemption) or the run hits its own
-`train.exit_duration_minutes`. Every rank must take the same decision at the same step, or
+`train.exit_duration_minutes` or `train.exit_interval` (a step count, as Megatron's
+`--exit-interval`). Every rank must take the same decision at the same step, or
 the ranks that stop deadlock in the checkpoint collectives while the others wait in the next
 step's. So each rank only *records* a signal, and `should_exit` all-reduces (MAX) the flags
 over the process group once per step: all ranks see the same answer.
@@ -159,14 +160,24 @@ def install_stop_handler(exit_signal: Optional[str] = None) -> ExitSignalHandler
     return _STOP_HANDLER
 
 
-def _local_flags(handler: Optional[ExitSignalHandler], start_time: float, exit_duration_minutes: Optional[float]) -> List[int]:
+def _local_flags(
+    handler: Optional[ExitSignalHandler],
+    start_time: float,
+    exit_duration_minutes: Optional[float],
+    step: Optional[int] = None,
+    exit_interval: Optional[int] = None,
+) -> List[int]:
     if exit_duration_minutes is not None and exit_duration_minutes <= 0:
         raise ConfigError(
             f"train.exit_duration_minutes={exit_duration_minutes}: must be > 0 (minutes of training per job), or null for no limit"
         )
+    if exit_interval is not None and exit_interval <= 0:
+        raise ConfigError(f"train.exit_interval={exit_interval}: must be > 0 (stop at every multiple of it), or null")
     sig = int(handler._received[0]) if handler is not None and handler._received else 0
     over_time = exit_duration_minutes is not None and (time.time() - start_time) / 60.0 >= exit_duration_minutes
-    return [sig, int(over_time)]
+    # Megatron's --exit-interval: the step count, not the clock, so every machine cuts at the same step.
+    at_interval = exit_interval is not None and step is not None and step > 0 and step % exit_interval == 0
+    return [sig, int(over_time), int(at_interval)]
 
 
 def _agree(flags: List[int], group: Any) -> List[int]:
@@ -192,19 +203,25 @@ def should_exit(
     start_time: float,
     exit_duration_minutes: Optional[float],
     group: Any = None,
+    step: Optional[int] = None,
+    exit_interval: Optional[int] = None,
 ) -> Optional[str]:
     """Whether the ranks should stop now; the same answer on every rank of `group`.
 
     `start_time` is `time.time()` when this process started training; `exit_duration_minutes`
-    None means no time limit. Returns "signal SIGTERM" (any rank received an exit signal),
-    "time limit" (any rank is past the limit), or None. A collective when torch.distributed
-    is initialized: every rank of `group` (default: the world) must call it at the same step.
+    None means no time limit. `step` is the step just trained and `exit_interval`
+    (`train.exit_interval`) stops at each multiple of it. Returns "signal SIGTERM" (any rank
+    received an exit signal), "time limit" (any rank is past the limit), "exit interval", or
+    None. A collective when torch.distributed is initialized: every rank of `group` (default:
+    the world) must call it at the same step.
     """
-    sig, over_time = _agree(_local_flags(handler, start_time, exit_duration_minutes), group)
+    sig, over_time, at_interval = _agree(_local_flags(handler, start_time, exit_duration_minutes, step, exit_interval), group)
     if sig:
         return f"signal {signal.Signals(sig).name}"
     if over_time:
         return "time limit"
+    if at_interval:
+        return "exit interval"
     return None
 
 
