@@ -366,6 +366,6 @@ class Checkpointer:
         if path.parent == self.root:  # resumed from this run's own checkpoint of this step: no need to save it again
             self._saved_step = int(ts["step"])
         if self.is_logging_rank:
-            rng = "RNG state restored" if "rng_state" in loaded else "RNG state from the seed (the rank layout changed)"
+            rng = "RNG state restored" if "rng_state" in loaded else "RNG state from the seed (another or an unrecorded rank layout)"
             print(f"resumed from {path} at step {ts['step']} ({ts['consumed_samples']} samples consumed; {rng})", file=sys.stderr)
         return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]))
