@@ -137,11 +137,25 @@ def init_distributed(platform: Platform, timeout_minutes: float = 10.0) -> tuple
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group(
-        backend=platform.backend,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = _restart_store(timeout)
+    where = {} if store is None else dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend=platform.backend, timeout=timeout, **where)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _restart_store(timeout: datetime.timedelta):
+    """After a torchrun restart (launch.max_restarts), the ranks' store keys under a prefix of
+    their attempt: torchrun's agent keeps one store across attempts, and without the prefix
+    the new ranks read the old ranks' addresses and fail to connect (torch 2.13, gloo)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/nemotron_train/attempt_{attempt}", store)
 
 
 def free_port() -> int:

@@ -35,6 +35,7 @@ from nemotron_train.models.cost import compute_plan
 from nemotron_train.platform import setup_platform
 from nemotron_train.resolve import ResolvedRun
 from nemotron_train.training.metrics import MetricsLogger
+from nemotron_train.training.resilience import BadStepError, StepGuard
 from nemotron_train.training.cuda_graphs import CudaGraphCapture
 from nemotron_train.training.manual_gc import ManualGC
 from nemotron_train.training.optim import build_optimizer, build_scheduler, params_synced, wrap_ddp
@@ -96,7 +97,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, [self.model], run=run)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
-        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.finalize_model_grads_func = self.guard.wrap_finalize(finalize_model_grads)
         self.tcfg.no_sync_func = self.model.no_sync
         unset_num_microbatches_calculator()
         t = cfg.train
@@ -162,7 +163,8 @@ class Trainer:
         start_time = time.time()
         self.metrics.start(self.state.step)
         first_step = self.state.step
-        data_iter = self._train_iterator()
+        data_iter = self.guard.wrap_iterator(self._train_iterator())
+        self.guard.start(self.state.step)
         last_val, stop_reason = None, None
         first_loss = last_loss = None
         while self.state.step < t.steps:
@@ -171,7 +173,7 @@ class Trainer:
             step_start = time.perf_counter()
             loss, grad_norm, _ = train_step(
                 self.model, self.optimizer, self.scheduler, data_iter, self.pgs, self.device,
-                t.seq_length, t.micro_batch_size, gbs,
+                t.seq_length, t.micro_batch_size, gbs, guard=self.guard,
             )
             if self.fp8_backend is not None:
                 fp8_end_of_step(self.model, cfg, self.fp8_backend, amax_reduction_group(self.pgs))  # delayed scaling
@@ -182,12 +184,19 @@ class Trainer:
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
             log = step % t.log_interval == 0 or step == t.steps or step == 1
+            try:
+                stragglers = self.guard.end_step(step, log, self.metrics)
+            except BadStepError:
+                self.checkpointer.finalize()  # an earlier step's async save still completes
+                raise
             lr = self.optimizer.param_groups[0]["lr"]
-            self.metrics.train_step(step, loss, lr, grad_norm, step_time, gbs * t.seq_length, log)
+            self.metrics.train_step(step, loss, lr, grad_norm, step_time, gbs * t.seq_length, log, stragglers)
             if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
                 last_val = self._validate(step)
             if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0 and step < t.steps:
                 self._save()
+            elif self.cfg.checkpoint.non_persistent_interval and step % self.cfg.checkpoint.non_persistent_interval == 0 and step < t.steps:
+                self._save(non_persistent=True)
             self.checkpointer.maybe_finalize()
             self.manual_gc.step(step)
             self.cuda_graphs.after_step(step, first_step)
@@ -201,11 +210,10 @@ class Trainer:
         if self.cfg.checkpoint.save_at_end or stop_reason:
             self._save()
         self.checkpointer.finalize()
+        self.manual_gc.close()
+        self.guard.close()
         if self.run_lock is not None:
             self.run_lock.release()
-            elif self.cfg.checkpoint.non_persistent_interval and step % self.cfg.checkpoint.non_persistent_interval == 0 and step < t.steps:
-                self._save(non_persistent=True)
-        self.manual_gc.close()
         summary = {
             "steps": self.state.step,
             "consumed_samples": self.state.consumed_samples,
