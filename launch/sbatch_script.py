@@ -390,8 +390,6 @@ def _launch(opts: SbatchOptions, run: RunPaths) -> List[str]:
         ignored = " ".join(dict.fromkeys(["TERM", "USR1", forwarded_signal(sig)]))
         rdzv = _slurm_mapping().torchrun_args('"$SLURM_JOB_NUM_NODES"', opts.ranks_per_node, '"$SLURM_NODEID"',
                                               '"$MASTER_ADDR"', '"$MASTER_PORT"', '"$SLURM_JOB_ID"')
-        if run.max_restarts:  # in-job restart: the new ranks resume from the latest checkpoint
-            rdzv.append(f"--max-restarts={int(run.max_restarts)}")
         lines += [
             "# One task per node runs torchrun, which starts the node's ranks and meets the other",
             "# nodes at a c10d rendezvous on the first node. SLURM signals every process of the",

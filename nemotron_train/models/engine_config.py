@@ -46,6 +46,7 @@ def ddp_kwargs(run: ResolvedRun) -> Dict[str, Any]:
         overlap_param_gather=perf.overlap_param_gather,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         check_for_nan_in_grad=True,
+        check_for_large_grads=cfg.resilience.check_large_grads,  # reported through the rerun state machine
         # None: megatron-core's default (max(40M, 1M x DP) elements with overlap, else one bucket).
         bucket_size=perf.bucket_size,
         average_in_collective=perf.average_in_collective,
