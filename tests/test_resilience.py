@@ -243,3 +243,21 @@ def test_watchdog_reports_a_frozen_peer_dumps_stacks_and_exits(tmp_path):
     assert own["step"] == 7 and own["state"] == "training" and own["host"] == socket.gethostname()
     # Rank 1 counts as idle from this watchdog's start: reported within the timeout and a poll or two.
     assert 1.0 <= report["time"] - own["started"] <= 1.0 + 0.3 + 0.5
+
+
+# --------------------------------------------------------------------------- in-job restart
+
+
+def test_batch_script_passes_max_restarts_to_torchrun(tmp_path):
+    from launch.sbatch import render_job
+    from launch.sbatch_script import SbatchOptions
+    from nemotron_train.errors import LaunchError
+
+    def render(mode, *overrides):
+        opts = SbatchOptions(nodes=2, gpus_per_node=0, nproc_per_node=2, time="00:10:00", mode=mode, workdir=str(tmp_path))
+        return render_job(SMOKE, [f"run.output_dir={tmp_path / 'run'}", *overrides], opts).script.read_text()
+
+    assert render("per-node", "launch.max_restarts=2").count("--max-restarts=2") == 1
+    assert "--max-restarts" not in render("per-node")
+    with pytest.raises(LaunchError, match="launch.max_restarts needs torchrun"):
+        render("per-gpu", "launch.max_restarts=1")
