@@ -261,3 +261,15 @@ def test_batch_script_passes_max_restarts_to_torchrun(tmp_path):
     assert "--max-restarts" not in render("per-node")
     with pytest.raises(LaunchError, match="launch.max_restarts needs torchrun"):
         render("per-gpu", "launch.max_restarts=1")
+
+
+def test_watchdog_of_a_single_rank_reports_its_own_blocked_thread(tmp_path):
+    script = ("import sys, time\nfrom nemotron_train.training.resilience.watchdog import HangWatchdog\n"
+              "w = HangWatchdog(sys.argv[1], rank=0, world_size=1, timeout_s=0.5, poll_s=0.05)\nw.start(3)\ntime.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 18, proc.stderr
+    report = json.loads((tmp_path / "stacks" / "hang.json").read_text())
+    assert report["stuck"] == [0] and report["frozen"] == []
+    assert "its training thread is blocked" in proc.stderr
+    # The blocked main thread is in the dump, at the line it waits on.
+    assert 'File "<string>", line 5 in <module>' in (tmp_path / "stacks" / "rank0.txt").read_text()

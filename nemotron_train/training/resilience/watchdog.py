@@ -95,7 +95,8 @@ class HangWatchdog:
             report = self._read(rundir.stacks_dir(self.run_dir) / HANG_REPORT)
             if report and report.get("time", 0) >= self.started:
                 self._dump_and_exit(report, announce=False)
-            if watched != self.rank and self._idle(watched, time.time()) > self.timeout_s:
+            # A single rank watches its own training thread (its file still carries its progress).
+            if self._idle(watched, time.time()) > self.timeout_s:
                 self._on_hang()
 
     def _write_heartbeat(self, state: str) -> None:
