@@ -364,13 +364,12 @@ def _pid_alive(pid: int, name: str) -> bool:
     """Whether `pid` is still the daemon started as `name` (not a recycled pid)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        state = "?"
-    return state != "Z" and name.split("-")[0] in cmdline
+        return False
+    # A dead child of `up` is a zombie; an empty command line is a process in the middle of
+    # an exec (unshare -> sh -> nsenter -> slurmd), still ours.
+    return state != "Z" and (not cmdline or name.split("-")[0] in cmdline)
 
 
 def _alive(st: ClusterState, name: str) -> bool:

@@ -191,7 +191,9 @@ def test_submit_a_chain(smoke_job, tmp_path, monkeypatch, capsys):
     rc = cli_main(["sbatch", str(SMOKE), "--nodes", "1", "--cpu", "--nproc-per-node", "2", "--time", "00:20:00",
                    "--chain", "2", "--submit", f"run.output_dir={tmp_path / 'c'}"])
     out = capsys.readouterr().out.splitlines()
-    assert rc == 0 and out[1:] == ["submitted smoke: job 1004", "submitted smoke: job 1005"]
+    logs = tmp_path / "c" / "logs"
+    assert rc == 0 and out[1:] == ["submitted smoke: job 1004", f"  log: {logs}/smoke-1004.out",
+                                   "submitted smoke: job 1005", f"  log: {logs}/smoke-1005.out"]
     assert sbatch_options(Path(out[0]).read_text())["dependency"] == "singleton"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import SlurmCluster, slurm_cluster, wait_until, write_stub_trainer  # noqa: E402,F401
+
+from launch import local_cluster  # noqa: E402
+from nemotron_train.errors import LaunchError  # noqa: E402
 
 from launch.sbatch import RenderedJob, render_job  # noqa: E402
 from launch.sbatch_script import SbatchOptions  # noqa: E402
@@ -192,3 +196,29 @@ def test_injection_in_names_runs_nothing(slurm_cluster, tmp_path):
     assert f"({name})" in slurm_cluster.job_log(info)
     made = {"pwned-name", "pwned-tick", "pwned-python", "pwned-env"}
     assert not [p for p in [*tmp_path.rglob("pwned*"), *Path.cwd().glob("pwned*")] if p.name in made]
+
+
+def _leftovers(state: "local_cluster.ClusterState") -> List[str]:
+    """Namespaces, links and daemons of `state` that still exist."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    left = [ns for ns in state.namespaces if ns in netns] + [link for link in state.veths if f" {link}:" in links or f" {link}@" in links]
+    return left + [name for name, pid in state.pids.items() if local_cluster._pid_alive(pid, name)]
+
+
+def test_local_cluster_is_idempotent_and_leaves_nothing(slurm_cluster, tmp_path):
+    # slurm_cluster: only so that this skips where the session's cluster cannot run.
+    state = local_cluster.up(1, state_dir=tmp_path / "c")
+    assert local_cluster.up(1, state_dir=tmp_path / "c").pids == state.pids  # up again: the same daemons
+    with pytest.raises(LaunchError, match="already up"):
+        local_cluster.up(2, state_dir=tmp_path / "c")
+    assert state.namespaces and not [x for x in state.veths + state.namespaces if x not in _leftovers(state)]
+    assert local_cluster.down(tmp_path / "c") and not _leftovers(state) and not (tmp_path / "c").exists()
+    # A failed start (munged cannot bind a socket path this long) removes whatever it made.
+    deep = tmp_path / ("d" * 100)
+    with pytest.raises(LaunchError, match="did not come up"):
+        local_cluster.up(1, state_dir=deep)
+    tag = local_cluster.hashlib.sha1(str(deep.resolve()).encode()).hexdigest()[:5]
+    assert f"ntc{tag}" not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"ntc{tag}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not deep.exists()
