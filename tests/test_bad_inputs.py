@@ -127,7 +127,6 @@ CASES = [
       env={"NEMOTRON_TRAIN_DEVICE": "tpu"}, sub=True),
     C("env-peak-tflops-text", plan(), "NEMOTRON_TRAIN_PEAK_TFLOPS='fast'", env={"NEMOTRON_TRAIN_PEAK_TFLOPS": "fast"}),
     C("env-peak-tflops-zero", plan(), "NEMOTRON_TRAIN_PEAK_TFLOPS='0'", env={"NEMOTRON_TRAIN_PEAK_TFLOPS": "0"}),
-    C("env-cpu-compile", plan(), "NEMOTRON_TRAIN_CPU_COMPILE='yes'", env={"NEMOTRON_TRAIN_CPU_COMPILE": "yes"}),
     # ---------------------------------------------------------------- launch
     C("master-addr-not-local", ["train", "{smoke}", "data.source=mock", "launch.master_addr=192.0.2.1", "run.output_dir={d}/run"],
       "launch.master_addr=192.0.2.1 cannot be bound on this machine", sub=True),

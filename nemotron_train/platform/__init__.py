@@ -50,9 +50,6 @@ def check_environment() -> None:
             ok = False
         if not ok:
             raise ConfigError(f"NEMOTRON_TRAIN_PEAK_TFLOPS={peak!r} must be a positive number (TFLOP/s of one device)")
-    compile_flag = os.environ.get("NEMOTRON_TRAIN_CPU_COMPILE")
-    if compile_flag not in (None, "", "0", "1"):
-        raise ConfigError(f"NEMOTRON_TRAIN_CPU_COMPILE={compile_flag!r}: use 1 (torch.compile on CPU) or 0")
 
 
 def detect_platform() -> Platform:
