@@ -166,7 +166,7 @@ def test_56b_on_32x8_per_node_reads_right(harness, config_56b, tmp_path):
     assert header["time"] == "04:00:00" and header["signal"] == "B:USR1@120" and header["dependency"] == "singleton"
     assert header["partition"] == "batch" and header["account"] == "llm"
     cfg = load_config(job.config)
-    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.launch.nnodes, cfg.launch.nproc_per_node) == (8, 4, 32, 8)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.launch.nnodes, cfg.launch.nproc_per_node) == (8, 1, 32, 8)  # the recipe: TP8 PP1 on 256 GPUs
 
     result = harness.run(job.script, NODE5_TASK)
     port = rendezvous_port(JOB_ID)
