@@ -246,15 +246,15 @@ class CheckpointConfig:
     resume: bool = True  # resume from the latest complete checkpoint if one exists
     load: Optional[str] = None  # start from another run's checkpoint directory
     save_at_end: bool = True
-
-
-@dataclass
     # Frequent, throwaway checkpoints (e.g. for preemptible jobs): every N steps (0 = off) into
     # non_persistent_dir (default <run.output_dir>/checkpoints_non_persistent). Only the newest
     # is kept and they never count in keep_last; resume takes the newest complete checkpoint
     # among both directories.
     non_persistent_interval: int = 0
     non_persistent_dir: Optional[str] = None
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "nemotron-train"

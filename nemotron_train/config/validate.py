@@ -18,8 +18,8 @@ from nemotron_train.config.schema import (
     OptimizerName, ParamsDtype, PlainTokenizer, RecomputeGranularity, RecomputeMethod, RecomputeModule,
     SchedulerType, Spec, WandbMode, WSDDecayStyle, choices,
 )
-from nemotron_train.errors import ConfigError
 from nemotron_train import rundir
+from nemotron_train.errors import ConfigError
 from nemotron_train.config.pattern import layer_types, split_stages
 from nemotron_train.config.resilience import check_resilience
 
@@ -264,15 +264,15 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError("run.output_dir is empty; name the directory the run writes to (e.g. runs/my-run)")
     _at_least("checkpoint.interval", c.interval, 0, " (0 = save only at the end)")
     _at_least("checkpoint.keep_last", c.keep_last, 1)
-
-
-def _check_split(split: str) -> None:
     _at_least("checkpoint.non_persistent_interval", c.non_persistent_interval, 0, " (0 = off)")
     if c.non_persistent_interval and rundir.non_persistent_checkpoint_dir(cfg.run.output_dir, c.non_persistent_dir) == rundir.checkpoint_dir(cfg.run.output_dir, c.dir):
         raise ConfigError(
             "checkpoint.non_persistent_dir is the persistent checkpoint directory; pick another one "
             "(only the newest non-persistent checkpoint is kept there)"
         )
+
+
+def _check_split(split: str) -> None:
     try:
         parts = [float(x) for x in split.split(",")]
     except ValueError:
