@@ -1,7 +1,7 @@
 """`nemotron-train local-cluster`: a real multi-node SLURM cluster on one Linux machine.
 
     nemotron-train local-cluster install                      # apt-get install slurm-wlm munge (root)
-    nemotron-train local-cluster up --nodes 2 [--cpus-per-node C] [--state-dir DIR]
+    nemotron-train local-cluster up --nodes 2 [--cpus-per-node C] [--gpus-per-node G] [--state-dir DIR]
     nemotron-train local-cluster status [--state-dir DIR]
     nemotron-train local-cluster exec [--state-dir DIR] node2 -- COMMAND ...
     nemotron-train local-cluster down [--state-dir DIR]
@@ -15,6 +15,15 @@ of a two-node job reach each other only over the bridge (interface `cluster0` in
 node, for `launch.socket_ifname=cluster0`). Needs root (namespaces, bridge, slurmd) and
 Debian's `slurm-wlm` and `munge`. `down`, and an `up` that fails, remove every namespace,
 link, daemon and file the cluster made.
+
+Each node also offers `--gpus-per-node` GPUs (default 1) as count-only GRES, so jobs asking
+for `--gpus-per-node` are scheduled as on a GPU cluster while running on the CPUs: slurm.conf
+declares `GresTypes=gpu` and `Gres=gpu:G` per node, gres.conf `Name=gpu Count=G` with
+autodetection off and `File=` placeholders in the state directory (character devices with
+/dev/null's numbers). SLURM 22.05 drops a GPU without a `File=` from what slurmd reports,
+which drains the node, so the placeholders are needed; nothing opens them (TaskPlugin=task/none
+constrains no devices). A job then sees CUDA_VISIBLE_DEVICES set by SLURM as on a GPU node;
+the trainer, whose torch finds no CUDA device, trains on CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,6 +55,7 @@ CLIENTS = ("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol")
 TOOLS = ("ip", "unshare", "nsenter")
 CLUSTER_IFNAME = "cluster0"  # each node's interface on the bridge
 STATE_FILE = "cluster.json"
+DEFAULT_GPUS_PER_NODE = 1  # count-only GRES per node: jobs may ask for --gpus-per-node
 NETNS_RUN = Path("/run/netns")  # where `ip netns add` puts a namespace's handle
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 
@@ -169,6 +180,7 @@ class ClusterState:
     subnet: str
     controller: str
     bridge: str
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
     namespaces: List[str] = field(default_factory=list)
     veths: List[str] = field(default_factory=list)
     addresses: Dict[str, str] = field(default_factory=dict)  # node name -> address
@@ -205,25 +217,28 @@ class ClusterState:
 # --------------------------------------------------------------------------- up
 
 
-def up(nodes: int, cpus_per_node: Optional[int] = None, state_dir: Optional[Path] = None, timeout: float = 60.0) -> ClusterState:
+def up(nodes: int, cpus_per_node: Optional[int] = None, state_dir: Optional[Path] = None, timeout: float = 60.0,
+       gpus_per_node: int = DEFAULT_GPUS_PER_NODE) -> ClusterState:
     """Start the cluster (or find it running); a failed start removes everything it made."""
     root = Path(state_dir or default_state_dir()).resolve()
     if nodes < 1 or nodes > 250:
         raise LaunchError(f"--nodes {nodes}: use 1..250")
+    if gpus_per_node < 0:
+        raise LaunchError(f"--gpus-per-node {gpus_per_node}: use 0 (no GRES) or more")
     reason = why_unavailable()
     if reason:
         raise LaunchError(f"cannot start a local cluster: {reason}")
     running = ClusterState.load(root)
     if running is not None:
         if is_up(running):
-            if running.nodes != nodes:
-                raise LaunchError(f"a {running.nodes}-node cluster is already up in {root}; "
-                                  f"`nemotron-train local-cluster down --state-dir {root}` first")
+            if (running.nodes, running.gpus_per_node) != (nodes, gpus_per_node):
+                raise LaunchError(f"a {running.nodes}-node cluster with {running.gpus_per_node} GPU(s) per node is "
+                                  f"already up in {root}; `nemotron-train local-cluster down --state-dir {root}` first")
             return running
         down(root)  # left over from a crash: clear it, then start afresh
     cpus = cpus_per_node or os.cpu_count() or 1
     tag = hashlib.sha1(str(root).encode()).digest()
-    st = ClusterState(state_dir=str(root), nodes=nodes, cpus_per_node=cpus, tag=tag.hex()[:5],
+    st = ClusterState(state_dir=str(root), nodes=nodes, cpus_per_node=cpus, gpus_per_node=gpus_per_node, tag=tag.hex()[:5],
                       subnet=str(_pick_subnet(tag)), controller=_controller_name(), bridge=f"ntc{tag.hex()[:5]}br")
     for sub in ("munge", "state", "spool", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -284,11 +299,13 @@ def _write_config(st: ClusterState) -> None:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     (root / "munge").chmod(0o755)  # munged wants its socket directory traversable
+    gres = f"Gres=gpu:{st.gpus_per_node} " if st.gpus_per_node else ""
     nodes = "".join(
         f"NodeName={name} NodeHostname={name} NodeAddr={st.addresses[name]} CPUs={st.cpus_per_node} "
-        f"RealMemory={memory} State=UNKNOWN\n"
+        f"RealMemory={memory} {gres}State=UNKNOWN\n"
         for name in st.node_names
     )
+    (root / "gres.conf").write_text(_gres_conf(st))
     (root / "plugstack.conf").write_text("")  # keep a system plugstack (e.g. pyxis) out
     st.conf.write_text(textwrap.dedent(f"""\
         # Written by `nemotron-train local-cluster up`; removed by `down`.
@@ -321,12 +338,30 @@ def _write_config(st: ClusterState) -> None:
         SchedulerType=sched/builtin
         SelectType=select/cons_tres
         SelectTypeParameters=CR_CPU
+        GresTypes=gpu
         SlurmdParameters=config_overrides
         ReturnToService=2
         MinJobAge=3600
         KillWait=15
         InactiveLimit=0
         """) + nodes + "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
+
+
+def _gres_conf(st: ClusterState) -> str:
+    """gres.conf of count-only GPUs: no autodetection (no NVML here), and a placeholder
+    device file per GPU, because slurmd drops a GPU without `File=` (see the module doc)."""
+    if not st.gpus_per_node:
+        return "AutoDetect=off\n"
+    gpus = st.root / "gpus"
+    gpus.mkdir(exist_ok=True)
+    for index in range(st.gpus_per_node):
+        path = gpus / f"gpu{index}"  # slurm reads the GPU's index from the trailing digits
+        if not path.exists():
+            try:
+                os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+            except PermissionError:  # no CAP_MKNOD: a plain file counts too (slurmd logs an error)
+                path.touch()
+    return f"AutoDetect=off\nName=gpu Count={st.gpus_per_node} File={gpus}/gpu[0-{st.gpus_per_node - 1}]\n"
 
 
 def _spawn(st: ClusterState, name: str, cmd: Sequence[str]) -> None:
@@ -463,7 +498,8 @@ def status_text(st: ClusterState) -> str:
     states = _sinfo(st)
     lines = [f"local cluster in {st.root}: {st.nodes} node(s), controller {st.controller} ({st.addresses[st.controller]})"]
     for name in st.node_names:
-        lines.append(f"  {name}  {st.addresses[name]}  {states.get(name, 'down?')}  ({st.cpus_per_node} CPUs, {CLUSTER_IFNAME})")
+        lines.append(f"  {name}  {st.addresses[name]}  {states.get(name, 'down?')}  "
+                     f"({st.cpus_per_node} CPUs, {st.gpus_per_node} count-only GPUs, {CLUSTER_IFNAME})")
     lines.append(f"export SLURM_CONF={st.conf}")
     return "\n".join(lines)
 
@@ -489,6 +525,8 @@ def register(subparsers) -> None:
         if action == "up":
             a.add_argument("--nodes", type=int, required=True)
             a.add_argument("--cpus-per-node", type=int, default=None, help="CPUs each node offers SLURM (default: all)")
+            a.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE,
+                           help=f"count-only GPUs (GRES gpu, no devices) each node offers (default: {DEFAULT_GPUS_PER_NODE})")
         if action == "exec":
             a.add_argument("node", help="node1 ... nodeN")
             a.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
@@ -500,7 +538,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{' '.join(APT_PACKAGES)}: {'installed' if install() else 'already installed'}")
         return 0
     if args.action == "up":
-        st = up(args.nodes, args.cpus_per_node, args.state_dir)
+        st = up(args.nodes, args.cpus_per_node, args.state_dir, gpus_per_node=args.gpus_per_node)
         print(status_text(st))
         return 0
     if args.action == "down":

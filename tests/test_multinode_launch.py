@@ -155,3 +155,29 @@ def test_local_cluster_status_without_a_cluster(tmp_path, capsys):
     assert cli_main(["local-cluster", "status", "--state-dir", str(tmp_path / "none")]) == 1
     assert "no local cluster is up" in capsys.readouterr().err
     assert cli_main(["local-cluster", "down", "--state-dir", str(tmp_path / "none")]) == 0
+
+
+def test_local_cluster_gpus_are_count_only_placeholders(tmp_path):
+    # What `local-cluster up --gpus-per-node G` gives slurmd: G GPUs per node, each a File=
+    # placeholder (slurm 22.05 drops a file-less GPU) that is no real device.
+    from launch import local_cluster
+
+    st = local_cluster.ClusterState(state_dir=str(tmp_path), nodes=2, cpus_per_node=2, tag="t", subnet="10.0.0.0/24",
+                                    controller="c", bridge="b", gpus_per_node=2)
+    text = local_cluster._gres_conf(st)
+    assert text == f"AutoDetect=off\nName=gpu Count=2 File={tmp_path}/gpus/gpu[0-1]\n"
+    placeholders = sorted((tmp_path / "gpus").iterdir())
+    assert [p.name for p in placeholders] == ["gpu0", "gpu1"] and all(p.stat().st_size == 0 for p in placeholders)
+    st.gpus_per_node = 0
+    assert local_cluster._gres_conf(st) == "AutoDetect=off\n"
+    with pytest.raises(LaunchError, match="--gpus-per-node -1"):
+        local_cluster.up(1, state_dir=tmp_path / "c", gpus_per_node=-1)
+
+
+@pytest.mark.parametrize("mode", ["per-node", "per-gpu"])
+def test_sbatch_for_one_gpu_per_node_runs_one_rank_per_node(tmp_path, mode):
+    opts = SbatchOptions(nodes=2, gpus_per_node=1, time="00:20:00", mode=mode, python=sys.executable)
+    job = render_job(SMOKE, [f"run.output_dir={tmp_path / 'run'}"], opts)
+    text = job.script.read_text()
+    assert "#SBATCH --gpus-per-node=1" in text and "#SBATCH --ntasks-per-node=1" in text
+    assert "launch.nproc_per_node=1" in text and load_config(job.config).launch.nproc_per_node == 1
