@@ -91,3 +91,39 @@ def test_mcore_rng_tracker_forks_on_cpu():
     )
     # Successive forks continue the tracked stream rather than replaying it.
     assert out.strip() == "False"
+
+
+def test_cpu_fallback_notice_names_the_granted_gpus():
+    from nemotron_train.platform import Platform, cpu_fallback_notice
+
+    cpu, cuda = Platform("cpu", "gloo"), Platform("cuda", "nccl")
+    # What SLURM's gres/gpu sets on a node of a job with --gpus-per-node=1.
+    slurm = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_GPUS": "0", "SLURM_GPUS_ON_NODE": "1"}
+    notice = cpu_fallback_notice(slurm, cpu)
+    assert notice is not None and "\n" not in notice
+    assert "CUDA_VISIBLE_DEVICES=0" in notice and "SLURM_GPUS_ON_NODE=1" in notice and "training on CPU" in notice
+    assert cpu_fallback_notice(slurm, cuda) is None  # the GPU is used: nothing to say
+    assert cpu_fallback_notice(dict(slurm, NEMOTRON_TRAIN_DEVICE="cpu"), cpu) is None  # CPU asked for
+    assert cpu_fallback_notice({}, cpu) is None
+    assert cpu_fallback_notice({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "0"}, cpu) is None
+    assert cpu_fallback_notice({"CUDA_VISIBLE_DEVICES": "-1"}, cpu) is None
+    assert cpu_fallback_notice({"SLURM_GPUS_ON_NODE": "2"}, cpu) is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of a process granted GPUs")
+def test_setup_platform_with_granted_gpus_and_no_cuda_trains_on_cpu_with_one_notice():
+    granted = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_GPUS_ON_NODE": "1"}
+    out = _run(
+        """
+        import os
+        from nemotron_train.platform import setup_platform
+        os.environ["RANK"] = "1"
+        print("rank1", setup_platform().device_type)
+        os.environ["RANK"] = "0"
+        print("rank0", setup_platform().device_type)
+        """,
+        dict(granted, NEMOTRON_TRAIN_DEVICE=""),
+    ).splitlines()
+    assert out[0] == "rank1 cpu"  # no notice from other ranks
+    assert out[1].startswith("notice: GPUs were granted (CUDA_VISIBLE_DEVICES=0, SLURM_GPUS_ON_NODE=1)"), out
+    assert out[2] == "rank0 cpu" and len(out) == 3

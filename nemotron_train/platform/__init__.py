@@ -10,7 +10,7 @@ import datetime
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from nemotron_train.errors import ConfigError
 
@@ -64,6 +64,25 @@ def detect_platform() -> Platform:
     return Platform("cpu", "gloo")
 
 
+# Variables a scheduler sets when it grants a process GPUs (SLURM's gres/gpu sets them all).
+GRANTED_GPU_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def cpu_fallback_notice(environ: Mapping[str, str], platform: Platform) -> Optional[str]:
+    """A one-line notice when the scheduler granted GPUs but this process trains on CPU
+    (a torch without CUDA, or no driver): the job runs, and the log says why it is on CPU.
+    None when nothing was granted, or the run is on CUDA, or the CPU was asked for."""
+    if not platform.is_cpu or environ.get("NEMOTRON_TRAIN_DEVICE", "").lower() == "cpu":
+        return None
+    none = ("", "-1", "NoDevFiles")  # what "no GPU" looks like in these variables
+    granted = [f"{name}={environ[name]}" for name in GRANTED_GPU_VARS
+               if environ.get(name, "").strip() not in none + (("0",) if name == "SLURM_GPUS_ON_NODE" else ())]
+    if not granted:
+        return None
+    return (f"notice: GPUs were granted ({', '.join(granted)}) but torch sees no CUDA device "
+            "(a CPU build of torch, or no driver): training on CPU with gloo")
+
+
 # What the `te` layer spec runs on: TE linears/attention, and mcore's MambaMixer, which calls
 # mamba-ssm's SSD kernels and causal-conv1d's conv kernel directly.
 GPU_KERNEL_MODULES = ("transformer_engine", "mamba_ssm", "causal_conv1d")
@@ -109,6 +128,9 @@ def setup_platform(force_cpu: bool = False, torch_compile: Optional[bool] = None
     redirections megatron-core needs. `torch_compile` is the resolved
     `performance.torch_compile` (None: on for CUDA, off on CPU)."""
     platform = Platform("cpu", "gloo") if force_cpu else detect_platform()
+    notice = None if force_cpu else cpu_fallback_notice(os.environ, platform)
+    if notice and os.environ.get("RANK", "0") == "0":
+        print(notice, flush=True)
     # Set, not defaulted: a deterministic run with NVTE_ALLOW_NONDETERMINISTIC_ALGO=1 fails in TE.
     os.environ.update(deterministic_env(deterministic))
     if platform.is_cpu:
