@@ -1,0 +1,28 @@
+"""Suite-wide hygiene.
+
+In-process tests may start a world of one (the platform layer then sets RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT, as torchrun would) or set the variables a deterministic run
+needs. A later test that starts `nemotron-train` or torchrun in a subprocess inherits the
+environment: it would take the world of one for its own launch, or try to listen on a port the
+test process still holds. Each test therefore gets the environment it started with back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _restoring():
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# Module scope covers module-scoped fixtures (autouse fixtures start first within a scope);
+# function scope covers the tests themselves.
+_restore_module_environment = pytest.fixture(autouse=True, scope="module", name="_restore_module_environment")(_restoring)
+_restore_test_environment = pytest.fixture(autouse=True, name="_restore_test_environment")(_restoring)
