@@ -1,5 +1,6 @@
 """The SLURM cluster of a test session: `nemotron-train local-cluster` (launch/local_cluster.py)
-with two nodes, each a network namespace with its own slurmd, address and hostname.
+with two nodes, each a network namespace with its own slurmd, address and hostname, and one
+count-only GPU (GRES without a device), so jobs ask for `--gpus-per-node 1` as on a GPU cluster.
 
 One cluster serves the whole pytest session (`shared_cluster`, torn down at exit) in its
 own state directory, so it neither touches a system SLURM nor collides with another test
@@ -34,6 +35,7 @@ TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 )
 NODES = 2
+GPUS_PER_NODE = 1
 
 
 class SlurmUnavailable(RuntimeError):
@@ -64,7 +66,7 @@ class SlurmCluster:
         if reason:
             raise SlurmUnavailable(reason)
         # A fresh state directory per session: a concurrent test run gets its own cluster.
-        state = local_cluster.up(NODES, state_dir=Path(tempfile.mkdtemp(prefix="nt-c-")))
+        state = local_cluster.up(NODES, state_dir=Path(tempfile.mkdtemp(prefix="nt-c-")), gpus_per_node=GPUS_PER_NODE)
         return cls(state=state, env=state.env())
 
     def stop(self) -> None:

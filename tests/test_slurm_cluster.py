@@ -67,14 +67,20 @@ class StubRun:
 def test_cluster_runs_a_trivial_job(slurm_cluster, tmp_path):
     info = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split()
     assert info == ["node1", "idle", "node2", "idle"]
+    # Count-only GPUs: one per node, granted to a job like a real one (no device behind it).
+    assert slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %G").stdout.split() == ["node1", "gpu:1", "node2", "gpu:1"]
     # One task on each node: each is its own host with its own address on the bridge.
-    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "-o", str(tmp_path / "out.txt"), "--wrap",
-                                  "srun bash -c 'echo $SLURM_JOB_ID $(hostname) $(getent hosts $(hostname) | cut -d\" \" -f1)'",
+    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "-o", str(tmp_path / "out.txt"), "--wrap",
+                                  "srun bash -c 'echo $SLURM_JOB_ID $(hostname) $(getent hosts $(hostname) | cut -d\" \" -f1);"
+                                  " echo $CUDA_VISIBLE_DEVICES $SLURM_GPUS_ON_NODE > gpus-$(hostname)'",
                                   cwd=tmp_path)
     done = slurm_cluster.wait(job_id, timeout=60)
     assert (done.state, done.exit_code) == ("COMPLETED", 0), slurm_cluster.explain(done)
     lines = sorted((tmp_path / "out.txt").read_text().split("\n"))[1:]
     assert lines == [f"{job_id} {node} {slurm_cluster.address(node)}" for node in ("node1", "node2")]
+    assert [(tmp_path / f"gpus-{node}").read_text().split() for node in ("node1", "node2")] == [["0", "1"]] * 2
+    with pytest.raises(RuntimeError, match="Requested node configuration is not available"):
+        slurm_cluster.sbatch("--nodes=1", "--gpus-per-node=2", "--wrap", "true", cwd=tmp_path)  # more GPUs than a node has
     assert slurm_cluster.address("node1") != slurm_cluster.address("node2")
     failed = slurm_cluster.wait(slurm_cluster.sbatch("--wrap", "exit 75", cwd=tmp_path), timeout=60)
     assert (failed.state, failed.exit_code) == ("FAILED", 75)

@@ -4,7 +4,9 @@ hostname, address and slurmd) and plain torchrun across the two nodes.
 
 Every run here has one rank per node (tensor parallelism 2 across the hosts, ranks talking
 over the `cluster0` interface via launch.socket_ifname) and is compared step by step with
-the same run as two ranks on one host. Cuts that a test relies on come from
+the same run as two ranks on one host. The jobs ask for `--gpus-per-node 1`, as on a GPU
+cluster: the nodes' GPUs are count-only (SLURM grants one and sets CUDA_VISIBLE_DEVICES), and
+the trainer, whose torch has no CUDA, says so and trains on CPU. Cuts that a test relies on come from
 `train.exit_interval` (a step count), never from the clock, so the assertions hold at any
 machine speed; the one time-limit run asserts only what any speed gives.
 
@@ -50,7 +52,7 @@ RUN = [
     f"data.cache_dir={SHARED_DATA_CACHE}", f"train.steps={STEPS}", "train.log_interval=1", "train.eval_interval=0",
     "train.eval_iters=1", "checkpoint.interval=5", "checkpoint.keep_last=3", "logging.progress_bar=false",
 ]
-JOB = ["--nodes", "2", "--cpu", "--nproc-per-node", "1", "--time", "00:20:00", "--python", sys.executable,
+JOB = ["--nodes", "2", "--gpus-per-node", "1", "--time", "00:20:00", "--python", sys.executable,
        "--workdir", str(ROOT)]
 
 pytestmark = [
@@ -130,6 +132,7 @@ def test_chain_across_two_nodes_trains_every_step_once(slurm_cluster, reference,
     for info in infos:
         assert_on_two_hosts(slurm_cluster, slurm_cluster.job_log(info))
     assert "stopped_early: exit interval" in slurm_cluster.job_log(infos[0])
+    assert "notice: GPUs were granted (CUDA_VISIBLE_DEVICES=0" in slurm_cluster.job_log(infos[0])  # count-only GPU
     assert checkpoints(run_dir)[-1] == STEPS and (run_dir / "COMPLETED").exists()
 
 
@@ -185,6 +188,7 @@ def test_usr1_stop_then_node_failure_then_resume(slurm_cluster, reference, tmp_p
     assert (info.state, info.exit_code) == ("COMPLETED", 0), slurm_cluster.explain(info)
     log = slurm_cluster.job_log(info)
     assert_on_two_hosts(slurm_cluster, log)
+    assert "notice: GPUs were granted (CUDA_VISIBLE_DEVICES=0" in log  # count-only GPU
     assert re.search(rf"resumed from \S+iter_{checkpoint:07d} at step {checkpoint} ", log), log
     assert [r["step"] for r in records(run_dir)] == list(range(1, STEPS + 1))  # steps trained again replace the lost ones
     assert losses_by_step(run_dir) == reference
