@@ -98,17 +98,15 @@ def cmd_init(args):
     dist_checkpointing.save(model.sharded_state_dict(), args.out)
 
 
-def cmd_run(args):
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+def wrap_for_schedule(cfg, model, pgs):
+    """DDP-wrap `model` as the trainer does; return it with a function that runs one step's
+    forward-backward over the global batch (mcore's schedule) and returns the reduced loss."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemotron_train.training.optim import wrap_ddp
     from nemotron_train.training.step import forward_step, reduce_loss
 
-    cfg, pgs, model = setup(args.overrides)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.weights))
     tcfg = model.config
     tcfg.calculate_per_token_loss = True
     ddp = wrap_ddp(cfg, model, tcfg, pgs)
@@ -116,16 +114,31 @@ def cmd_run(args):
     tcfg.no_sync_func = ddp.no_sync
     dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
-    ddp.zero_grad_buffer()
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, torch.device("cpu")),
-        data_iterator=micro_batches(cfg, dp_rank, dp_size),
-        model=[ddp],
-        num_microbatches=num_micro,
-        seq_length=cfg.train.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
-    )
-    loss = reduce_loss(losses, pgs, torch.device("cpu"))
+
+    def train_step():
+        ddp.zero_grad_buffer()
+        out = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, torch.device("cpu")),
+            data_iterator=micro_batches(cfg, dp_rank, dp_size),
+            model=[ddp],
+            num_microbatches=num_micro,
+            seq_length=cfg.train.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+        )
+        return reduce_loss(out, pgs, torch.device("cpu"))
+
+    return ddp, train_step
+
+
+def cmd_run(args):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    cfg, pgs, model = setup(args.overrides)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.weights))
+    _, train_step = wrap_for_schedule(cfg, model, pgs)
+    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
+    loss = train_step()
     out = Path(args.out)
     if pgs.pp.size() == 1:
         _save_logits(cfg, model, out, dp_rank, dp_size)

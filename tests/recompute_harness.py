@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_harness import micro_batches, setup  # noqa: E402
+from parallel_harness import setup, wrap_for_schedule  # noqa: E402
 
 STEPS = 2
 LR = 0.5
@@ -38,11 +37,6 @@ VARIANTS = {
 
 def train_variant(overrides):
     import torch.distributed as dist
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from nemotron_train.training.optim import wrap_ddp
-    from nemotron_train.training.step import forward_step, reduce_loss
 
     cfg, pgs, model = setup(overrides)
     with torch.no_grad():  # non-trivial norms and SSM parameters, as parallel_harness does
@@ -50,25 +44,10 @@ def train_variant(overrides):
         for _, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-    tcfg = model.config
-    tcfg.calculate_per_token_loss = True
-    ddp = wrap_ddp(cfg, model, tcfg, pgs)
-    tcfg.finalize_model_grads_func = finalize_model_grads
-    tcfg.no_sync_func = ddp.no_sync
-    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    _, train_step = wrap_for_schedule(cfg, model, pgs)
     losses, grads = [], []
-    for step in range(STEPS):
-        ddp.zero_grad_buffer()
-        out = get_forward_backward_func()(
-            forward_step_func=partial(forward_step, torch.device("cpu")),
-            data_iterator=micro_batches(cfg, dp_rank, dp_size),
-            model=[ddp],
-            num_microbatches=num_micro,
-            seq_length=cfg.train.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size,
-        )
-        losses.append(reduce_loss(out, pgs, torch.device("cpu")))
+    for _ in range(STEPS):
+        losses.append(train_step())
         grads.append({name: p.main_grad.detach().clone() for name, p in model.named_parameters()})
         with torch.no_grad():
             for p in model.parameters():

@@ -74,22 +74,27 @@ def test_resume_with_another_layout(tmp_path, straight, one_rank_first_leg, save
         assert abs(a - b) <= 2e-4 * abs(b), f"step {step}: {a} vs {b}"
 
 
+def _kill_inside_the_commit(args, staging, never_started: str) -> None:
+    """Run `nemotron_train *args` with every save's commit held open, and SIGKILL its whole
+    process group once the save being staged in `staging` has written its shards."""
+    env = dict(_env(), NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S="60")
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron_train", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (staging / ".metadata").exists():
+        time.sleep(0.2)
+    assert (staging / ".metadata").exists(), never_started
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, straight, one_rank_first_leg):
     out = tmp_path / "killed"
     _first_leg(out, ONE_RANK, one_rank_first_leg)
     ckpts = out / "checkpoints"
     # Second leg: hold the commit of the step-6 save open, and SIGKILL the run inside it.
     args = ["train", SMOKE, f"run.output_dir={out}", f"launch.master_port={_free_port()}", *SHORT, *ONE_RANK, *SIX, "train.steps=6"]
-    env = dict(_env(), NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S="60")
-    proc = subprocess.Popen([sys.executable, "-m", "nemotron_train", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    staging = ckpts / "iter_0000006.incomplete"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (staging / ".metadata").exists():
-        time.sleep(0.2)
-    assert (staging / ".metadata").exists(), "the save never started"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_inside_the_commit(args, ckpts / "iter_0000006.incomplete", "the save never started")
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert (ckpts / "iter_0000003" / "nemotron_train.json").exists()
     assert not (ckpts / "iter_0000006").exists()
@@ -131,16 +136,7 @@ def test_kill_after_non_persistent_save_resumes_from_it(tmp_path, straight):
     # open at its commit and the run SIGKILLed there, so step 4 is the newest complete one.
     args = ["train", SMOKE, f"run.output_dir={out}", f"launch.master_port={_free_port()}", *SHORT, *ONE_RANK, *SIX,
             "train.steps=6", *every2]
-    env = dict(_env(), NEMOTRON_TRAIN_SAVE_COMMIT_DELAY_S="60")
-    proc = subprocess.Popen([sys.executable, "-m", "nemotron_train", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    staging = ckpts / "iter_0000006.incomplete"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (staging / ".metadata").exists():
-        time.sleep(0.2)
-    assert (staging / ".metadata").exists(), "the final save never started"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_inside_the_commit(args, ckpts / "iter_0000006.incomplete", "the final save never started")
     assert losses(out) == straight  # saving non-persistent checkpoints changes nothing
     assert not (ckpts / "latest_checkpointed_iteration.txt").exists()
     assert sorted(p.name for p in frequent.glob("iter_*")) == ["iter_0000004"]  # only the newest is kept

@@ -3,7 +3,6 @@ twin, on a gloo world of one (tensor-parallel size 1)."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from nemotron_train.config.schema import Config
 from nemotron_train.fp8 import (
@@ -22,24 +21,6 @@ from nemotron_train.fp8 import (
 from nemotron_train.fp8.recipe import E4M3, E5M2, FP8RecipeState, active_fp8_state
 
 IN, OUT = 64, 96
-
-
-@pytest.fixture(scope="module")
-def mcore():
-    from megatron.core import parallel_state
-
-    from nemotron_train.platform import init_distributed, setup_platform
-
-    created_world = not dist.is_initialized()
-    init_distributed(setup_platform())
-    created_mp = not parallel_state.model_parallel_is_initialized()
-    if created_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    yield
-    if created_mp:
-        parallel_state.destroy_model_parallel()
-    if created_world:
-        dist.destroy_process_group()
 
 
 def _config(dtype=torch.float32):

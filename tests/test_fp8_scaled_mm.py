@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from nemotron_train.config.loader import load_config
 from nemotron_train.errors import ConfigError
@@ -66,24 +65,6 @@ def test_scaled_mm_linear_matches_the_emulated_backend(fmt):
 def test_scaled_mm_refuses_other_recipes():
     with pytest.raises(ValueError, match="tensorwise"):
         scaled_mm_linear(*_operands()[:2], recipe=FP8Recipe(recipe="delayed"))
-
-
-@pytest.fixture(scope="module")
-def mcore():
-    from megatron.core import parallel_state
-
-    from nemotron_train.platform import init_distributed, setup_platform
-
-    created_world = not dist.is_initialized()
-    init_distributed(setup_platform())
-    created_mp = not parallel_state.model_parallel_is_initialized()
-    if created_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    yield
-    if created_mp:
-        parallel_state.destroy_model_parallel()
-    if created_world:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])
